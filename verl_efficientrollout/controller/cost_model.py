@@ -1,0 +1,205 @@
+"""Roofline step-cost model: how long one target, draft or verify forward takes.
+
+A decode step streams the weights once and every active row's KV cache, and does the matmuls
+for its new tokens; it takes the longer of the two, plus fixed overheads::
+
+    seconds = max(bytes / bandwidth, flops / flops_rate) + overhead_s + row_overhead_s * batch
+    bytes   = weight_bytes + total_context * kv_bytes_per_token
+    flops   = batch * new_tokens * flops_per_token + new_tokens * total_context * attn_flops
+
+``total_context`` is the sum of the context lengths of the active rows. Speculating with draft
+length gamma costs gamma draft forwards plus one verify forward (the target with gamma + 1 new
+tokens per row) and yields E[accepted + 1] tokens per row, so with r = draft / target and
+v = verify / target step time the predicted per-step speedup over plain decoding is::
+
+    predicted_speedup = expected_output_tokens(acceptance, gamma) / (gamma * r + v)
+
+A ``CostProfile`` holds the constants for one model on one device (fitted by
+``efficient-rollout calibrate`` or bundled in ``profiles/``); ``CostModel`` adds online
+correction factors learned from measured step times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from verl_efficientrollout._validate import check_float, check_int, fail
+
+KINDS = ("target", "draft", "verify")
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Roofline constants for one kind of forward (target or draft); see the module docstring."""
+
+    weight_bytes: float  # bytes streamed once per step
+    kv_bytes_per_token: float  # KV bytes read per context token per row
+    flops_per_token: float  # matmul FLOPs per new token
+    attn_flops_per_context_token: float  # attention FLOPs per new token per context token
+    bandwidth: float  # bytes / s
+    flops_rate: float  # FLOP / s
+    overhead_s: float = 0.0  # fixed per step
+    row_overhead_s: float = 0.0  # per active row per step
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bytes", "kv_bytes_per_token", "flops_per_token", "attn_flops_per_context_token",
+                     "overhead_s", "row_overhead_s"):
+            check_float("StepCost", name, getattr(self, name), low=0.0)
+        for name in ("bandwidth", "flops_rate"):
+            check_float("StepCost", name, getattr(self, name), low=0.0, low_open=True)
+
+    def time(self, batch: int, total_context: int, new_tokens_per_row: int = 1) -> float:
+        """Seconds for one forward of ``batch`` rows adding ``new_tokens_per_row`` tokens each."""
+        nbytes = self.weight_bytes + total_context * self.kv_bytes_per_token
+        flops = new_tokens_per_row * (batch * self.flops_per_token + total_context * self.attn_flops_per_context_token)
+        return max(nbytes / self.bandwidth, flops / self.flops_rate) + self.overhead_s + self.row_overhead_s * batch
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Step costs of one target model and its drafter on one device."""
+
+    name: str
+    device: str
+    target: StepCost
+    draft: StepCost
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CostProfile":
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"CostProfile got unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
+        steps = {k: StepCost(**d[k]) if isinstance(d.get(k), Mapping) else d.get(k) for k in ("target", "draft")}
+        for k, v in steps.items():
+            if not isinstance(v, StepCost):
+                fail("CostProfile", k, "a mapping of StepCost fields", v)
+        return cls(**{**dict(d), **steps})
+
+
+def bundled_profiles() -> tuple[str, ...]:
+    """Names of the profiles shipped in ``controller/profiles/``."""
+    folder = resources.files(__package__).joinpath("profiles")
+    return tuple(sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json")))
+
+
+def load_profile(name_or_path: str | Path) -> CostProfile:
+    """Load a bundled profile by name, or any profile JSON by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        return CostProfile.from_dict(json.loads(path.read_text()))
+    if str(name_or_path) not in bundled_profiles():
+        raise ValueError(
+            f"unknown cost profile {str(name_or_path)!r}: not a file, and the bundled profiles are "
+            f"{', '.join(bundled_profiles())}; run `efficient-rollout calibrate` to make one"
+        )
+    text = resources.files(__package__).joinpath("profiles").joinpath(f"{name_or_path}.json").read_text()
+    return CostProfile.from_dict(json.loads(text))
+
+
+def save_profile(profile: CostProfile, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
+
+
+def expected_output_tokens(acceptance_per_position: Sequence[float], gamma: int) -> float:
+    """E[accepted + 1] tokens per row from one draft of ``gamma`` tokens and its verify.
+
+    ``acceptance_per_position[i]`` is the probability that draft token i is accepted given
+    that tokens 0..i-1 were (positions past the end reuse the last value). The ``+ 1`` is the
+    recovered token (after a rejection) or the bonus token (all accepted); so this is the
+    mean acceptance length, which counts the bonus token::
+
+        sum_{k=0..gamma} prod_{i<k} a_i
+
+    Example: a = (0.8, 0.8), gamma = 2 -> 1 + 0.8 + 0.64 = 2.44; gamma = 0 -> 1.0.
+    """
+    total, reach = 1.0, 1.0
+    last = len(acceptance_per_position) - 1
+    for i in range(gamma):
+        reach *= acceptance_per_position[min(i, last)]
+        total += reach
+    return total
+
+
+def predicted_speedup(acceptance_per_position: Sequence[float], gamma: int, r: float, v: float) -> float:
+    """Tokens per unit of time relative to plain decoding: E[accepted + 1] / (gamma * r + v).
+
+    Example: a = (0.8,), gamma = 2, r = 0.5, v = 1.1 -> 2.44 / 2.1 = 1.162.
+    """
+    return expected_output_tokens(acceptance_per_position, gamma) / (gamma * r + v)
+
+
+def batch_bucket(batch: int) -> int:
+    """The power of two at or below ``batch`` (1 for 0 and 1): 5 -> 4, 8 -> 8, 15 -> 8."""
+    return 1 << (max(batch, 1).bit_length() - 1)
+
+
+class CostModel:
+    """A ``CostProfile`` plus online correction from measured step times.
+
+    Each prediction is multiplied by a factor per (kind, power-of-two batch bucket).
+    ``observe`` moves that factor toward measured / predicted by ``refine_rate`` in log space
+    (a geometric running mean, so a measurement 2x too slow and one 2x too fast cancel); a
+    single ratio is clipped to [0.1, 10] so one outlier (a compile, a GC pause) cannot wreck it.
+    """
+
+    def __init__(self, profile: CostProfile, refine_rate: float = 0.1) -> None:
+        check_float("CostModel", "refine_rate", refine_rate, low=0.0, high=1.0)
+        self.profile = profile
+        self.refine_rate = refine_rate
+        self._log_factor: dict[tuple[str, int], float] = {}
+
+    def factor(self, kind: str, batch: int) -> float:
+        return math.exp(self._log_factor.get((kind, batch_bucket(batch)), 0.0))
+
+    def _raw(self, kind: str, batch: int, total_context: int, gamma: int) -> float:
+        if kind == "target":
+            return self.profile.target.time(batch, total_context, 1)
+        if kind == "draft":
+            return self.profile.draft.time(batch, total_context, 1)
+        if kind == "verify":
+            check_int("CostModel", "gamma", gamma, low=1)
+            return self.profile.target.time(batch, total_context, gamma + 1)
+        raise ValueError(f"CostModel kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+    def time(self, kind: str, batch: int, total_context: int, gamma: int = 0) -> float:
+        return self._raw(kind, batch, total_context, gamma) * self.factor(kind, batch)
+
+    def target_time(self, batch: int, total_context: int) -> float:
+        """One plain decoding step (one new token per row)."""
+        return self.time("target", batch, total_context)
+
+    def draft_time(self, batch: int, total_context: int) -> float:
+        """One drafter forward (one new token per row); a draft of gamma tokens costs gamma of these."""
+        return self.time("draft", batch, total_context)
+
+    def verify_time(self, batch: int, total_context: int, gamma: int) -> float:
+        """One target forward over gamma draft tokens plus the last committed one."""
+        return self.time("verify", batch, total_context, gamma)
+
+    def ratios(self, batch: int, total_context: int, gamma: int) -> tuple[float, float]:
+        """(r, v) = (draft_time / target_time, verify_time / target_time)."""
+        target = self.target_time(batch, total_context)
+        return self.draft_time(batch, total_context) / target, self.verify_time(batch, total_context, gamma) / target
+
+    def observe(self, kind: str, batch: int, total_context: int, seconds: float, gamma: int = 0) -> None:
+        """Refine the factor of (kind, batch bucket) with one measured forward time.
+
+        For ``kind="draft"`` pass the time of ONE draft forward (the step's draft time / gamma).
+        """
+        if self.refine_rate == 0.0 or seconds <= 0.0:
+            return
+        ratio = min(max(seconds / self._raw(kind, batch, total_context, gamma), 0.1), 10.0)
+        key = (kind, batch_bucket(batch))
+        old = self._log_factor.get(key, 0.0)
+        self._log_factor[key] = old + self.refine_rate * (math.log(ratio) - old)

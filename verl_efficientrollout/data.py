@@ -1,0 +1,29 @@
+"""The bundled math word problems (written for this project) and their chat prompts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+INSTRUCTION = "Solve the problem step by step, then give the final answer as 'The answer is N.'"
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    question: str
+    answer: str
+
+
+def math_problems() -> list[MathProblem]:
+    text = resources.files("verl_efficientrollout").joinpath("data/math_problems.jsonl").read_text()
+    return [MathProblem(**json.loads(line)) for line in text.splitlines() if line.strip()]
+
+
+def chat_prompt_ids(tokenizer, problem: MathProblem) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending where the assistant starts to answer."""
+    messages = [{"role": "user", "content": f"{problem.question}\n{INSTRUCTION}"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)

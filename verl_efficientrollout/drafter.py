@@ -1,0 +1,209 @@
+"""The int4 self-drafter: a weight-only quantized view of the target, rebuilt at every weight sync.
+
+``build_drafter(target, config)`` returns a :class:`Drafter` whose module has the target's exact
+architecture (so it can run on the target's KV cache) and shares every tensor with the target
+(embeddings, lm_head, norms, rotary buffers: same storage, no copy) except the decoder's linear
+weights, which torchao quantizes weight-only:
+
+* CPU, int4: ``PrototypeInt4WeightOnlyConfig`` (asymmetric, scale + zero point per group), whose
+  opaque packing reaches aten's ``_weight_int4pack_mm_for_cpu`` kernel.
+* CUDA, int4: ``Int4WeightOnlyConfig`` with the ``tile_packed_to_4d`` (tinygemm) packing,
+  asymmetric like the CPU route.
+* int8 (either device): ``Int8WeightOnlyConfig``, per-channel; the fallback option.
+
+A build failure raises :class:`DrafterBuildError`; callers catch it and decode without speculation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from verl_efficientrollout.config import DrafterConfig
+
+logger = logging.getLogger(__name__)
+
+# Linear layers kept in full precision and shared: the output head (often tied to the embeddings).
+_SHARED_LINEAR_NAMES = ("lm_head", "output", "embed_out")
+_MIN_TORCHAO = (0, 14)
+
+
+class DrafterBuildError(RuntimeError):
+    """The drafter could not be built; decode without speculation."""
+
+
+@dataclass(frozen=True)
+class DrafterReport:
+    recipe: str
+    backend: str
+    weights_version: int
+    quantized_layers: int
+    skipped_layers: tuple[str, ...]  # linears left in full precision (shared head, shape misfit)
+    target_bytes: int  # all target parameters and buffers
+    shared_bytes: int  # target tensors the drafter uses as they are (same storage)
+    drafter_bytes: int  # tensors the drafter owns: quantized weights, scales, zero points
+    quantized_source_bytes: int  # what those quantized linears take in the target's dtype
+    build_seconds: float
+
+    @property
+    def drafter_total_bytes(self) -> int:
+        """Bytes a drafter forward streams: its own weights plus the shared ones."""
+        return self.drafter_bytes + self.shared_bytes
+
+
+class Drafter:
+    """The drafter module plus the target weights version it was built from."""
+
+    def __init__(self, target: nn.Module, config: DrafterConfig, weights_version: int = 0) -> None:
+        self.target = target
+        self.config = config
+        self.module, self.report = _build(target, config, weights_version)
+
+    @property
+    def weights_version(self) -> int:
+        return self.report.weights_version
+
+    def rebuild(self, weights_version: int) -> DrafterReport:
+        """Re-quantize from the target's current weights; on failure the old drafter stays."""
+        self.module, self.report = _build(self.target, self.config, weights_version)
+        return self.report
+
+    def check_version(self, weights_version: int) -> None:
+        if weights_version != self.weights_version:
+            raise RuntimeError(
+                f"drafter was built from weights version {self.weights_version}, target is at "
+                f"{weights_version}: call rebuild() after every weight update"
+            )
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def build_drafter(target: nn.Module, config: DrafterConfig, weights_version: int = 0) -> Drafter:
+    return Drafter(target, config, weights_version)
+
+
+def resolve_backend(config: DrafterConfig, target: nn.Module) -> str:
+    device = next(target.parameters()).device.type
+    backend = device if config.backend == "auto" else config.backend
+    if backend != device:
+        raise DrafterBuildError(f"DrafterConfig.backend={config.backend!r} but the target is on {device!r}")
+    if backend not in ("cpu", "cuda"):
+        raise DrafterBuildError(f"no weight-only quantization route for device {device!r} (allowed: cpu, cuda)")
+    return backend
+
+
+def torchao_config(config: DrafterConfig, backend: str):
+    """The torchao config for a recipe and device; the one place that knows torchao's names."""
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as exc:
+        raise DrafterBuildError(f"torchao is needed for the drafter: pip install 'torchao>=0.14' ({exc})") from exc
+    version = tuple(int(p) for p in torchao.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+    if version < _MIN_TORCHAO:
+        raise DrafterBuildError(f"torchao {torchao.__version__} is too old: pip install 'torchao>=0.14'")
+    if config.recipe == "int8":
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    if backend == "cuda":
+        return Int4WeightOnlyConfig(
+            group_size=config.group_size, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
+    try:  # torchao >= 0.15 moved the CPU int4 route to a prototype config
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    except ImportError:
+        return Int4WeightOnlyConfig(group_size=config.group_size, int4_packing_format="opaque", set_inductor_config=False)
+    return PrototypeInt4WeightOnlyConfig(group_size=config.group_size, set_inductor_config=False)
+
+
+def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tuple[nn.Module, DrafterReport]:
+    start = time.perf_counter()
+    backend = resolve_backend(config, target)
+    selected, skipped = _select_linears(target, config)
+    if not selected:
+        raise DrafterBuildError(
+            f"{type(target).__name__} has no linear layer to quantize with {config.name} "
+            f"(skipped: {', '.join(skipped) or 'none found'}); the drafter needs nn.Linear decoder layers"
+        )
+    drafter = _shallow_clone(target)
+    try:
+        from torchao.quantization import quantize_
+
+        quantize_(drafter, torchao_config(config, backend), filter_fn=lambda _m, fqn: fqn in selected)
+    except DrafterBuildError:
+        raise
+    except Exception as exc:  # torchao raises many kinds; all mean "no drafter"
+        raise DrafterBuildError(f"quantizing the drafter with {config.name} failed: {exc!r}") from exc
+    not_done = [fqn for fqn in selected if _is_plain(drafter.get_submodule(fqn).weight)]
+    if not_done:
+        raise DrafterBuildError(f"torchao left {len(not_done)} selected linears unquantized, e.g. {not_done[0]}")
+    report = _report(target, drafter, selected, skipped, config, backend, weights_version, start)
+    return drafter, report
+
+
+def _select_linears(target: nn.Module, config: DrafterConfig) -> tuple[set[str], tuple[str, ...]]:
+    selected, skipped = set(), []
+    for fqn, module in target.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = fqn.rsplit(".", 1)[-1]
+        misfit = config.recipe == "int4" and module.in_features % config.group_size != 0
+        if leaf in _SHARED_LINEAR_NAMES or misfit:
+            skipped.append(fqn)
+        else:
+            selected.add(fqn)
+    return selected, tuple(skipped)
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    """A module tree of the same classes whose parameters and buffers are the target's own objects.
+
+    quantize_ then swaps parameters in the clone's dicts only, leaving the target untouched.
+    """
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: _shallow_clone(child) for name, child in module._modules.items()}
+    return clone
+
+
+def _is_plain(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (torch.Tensor, nn.Parameter) or type(tensor.data) is torch.Tensor
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if _is_plain(tensor):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()  # torchao tensor subclasses: sum their inner tensors
+    return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def _unique_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+    tensors = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensors.setdefault(id(tensor), tensor)
+    return tensors
+
+
+def _report(target, drafter, selected, skipped, config, backend, weights_version, start) -> DrafterReport:
+    target_tensors, drafter_tensors = _unique_tensors(target), _unique_tensors(drafter)
+    shared = {k: t for k, t in drafter_tensors.items() if k in target_tensors}
+    owned = {k: t for k, t in drafter_tensors.items() if k not in target_tensors}
+    source = sum(_tensor_bytes(target.get_submodule(fqn).weight) for fqn in selected)
+    return DrafterReport(
+        recipe=config.name,
+        backend=backend,
+        weights_version=weights_version,
+        quantized_layers=len(selected),
+        skipped_layers=skipped,
+        target_bytes=sum(_tensor_bytes(t) for t in target_tensors.values()),
+        shared_bytes=sum(_tensor_bytes(t) for t in shared.values()),
+        drafter_bytes=sum(_tensor_bytes(t) for t in owned.values()),
+        quantized_source_bytes=source,
+        build_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,81 @@
+"""Logits -> probabilities (temperature, top-k, top-p) and categorical draws.
+
+The drafter, the verifier and the bonus draw all go through ``logits_to_probs`` with the
+same per-row parameters; that shared processing is what makes speculative sampling lossless
+with respect to the *processed* target distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from verl_efficientrollout.config import SamplingParams
+
+# Nucleus cut-off slack for float32 cumulative sums: a token is dropped once the mass
+# ranked before it reaches top_p - _TOP_P_EPS, so 0.5 + 0.3 counts as reaching 0.8.
+_TOP_P_EPS = 1e-6
+
+
+def sampling_tensors(
+    params: Sequence[SamplingParams], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(temperature [batch] float32, top_k [batch] int64, top_p [batch] float32)``."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    return temperature, top_k, top_p
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # [batch, ..., vocab]
+    temperature: torch.Tensor,  # [batch] float; 0 = greedy
+    top_k: torch.Tensor,  # [batch] int; 0 = off
+    top_p: torch.Tensor,  # [batch] float; 1.0 = off
+) -> torch.Tensor:  # [batch, ..., vocab] float32
+    """Temperature, then top-k, then top-p (on the top-k-renormalised mass), softmax in float32.
+
+    Top-p keeps the smallest set of highest-probability tokens whose cumulative probability
+    reaches ``top_p`` (the top token is always kept). Ties in top-k are broken towards the
+    lower token id. Greedy rows (``temperature == 0``) get a one-hot on ``argmax(logits)``
+    (ties -> lowest id), so ``sample`` returns the argmax for them without special casing.
+    """
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    row_shape = (-1,) + (1,) * (logits.dim() - 1)  # broadcast [batch] over [batch, ..., vocab]
+    greedy = (temperature == 0).view(row_shape)
+    scaled = logits / torch.where(greedy, 1.0, temperature.view(row_shape).float())
+
+    if not bool((top_k > 0).any()) and not bool((top_p < 1).any()):  # no filter: skip the vocab sort
+        one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
+        return torch.where(greedy, one_hot, scaled.softmax(dim=-1))
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)
+    ranks = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab).view(row_shape)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive cumulative sum
+    top_p = top_p.view(row_shape).float()
+    drop = (mass_before >= top_p - _TOP_P_EPS) & (ranks > 0) & (top_p < 1)
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    probs = torch.empty_like(sorted_probs).scatter_(-1, sorted_ids, sorted_probs)
+
+    one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
+    return torch.where(greedy, one_hot, probs)
+
+
+def sample(
+    probs: torch.Tensor,  # [N, vocab], non-negative, each row with a positive entry
+    generator: torch.Generator,
+) -> torch.Tensor:  # [N] int64
+    """One categorical draw per row by the exponential race ``argmax(probs / Exp(1))``.
+
+    Draws exactly ``N * vocab`` Exp(1) numbers (one ``[N, vocab]`` tensor) from ``generator``.
+    Rows need not be normalised (the race is scale-invariant); zero-probability tokens are
+    never drawn.
+    """
+    noise = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    noise.exponential_(generator=generator)
+    scores = torch.where(probs > 0, probs / noise, -1.0)
+    return scores.argmax(dim=-1)
