@@ -51,3 +51,38 @@ def test_recipe_names_parse_and_round_trip(name, recipe, group_size):
 def test_unknown_recipe_name_lists_the_allowed_ones(name):
     with pytest.raises(ValueError, match="int4-g32, int4-g64, int4-g128, int4-g256, int8"):
         DrafterConfig.from_name(name)
+
+
+def test_shipped_yaml_configs_build_frozen_configs():
+    from pathlib import Path
+
+    import yaml
+
+    from verl_efficientrollout.config import EfficientRolloutConfig
+
+    configs = {p.stem: p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")}
+    assert {"efficient", "ar_baseline", "paper", "sd_always"} <= set(configs)
+    built = {name: EfficientRolloutConfig.from_dict(yaml.safe_load(p.read_text())) for name, p in configs.items()}
+    assert (built["efficient"].controller.toggle, built["efficient"].controller.draft_length) == ("roofline", "adaptive")
+    assert built["ar_baseline"].controller.toggle == "off"
+    assert built["paper"].controller.paper_ladder == (5, 7, 9, 11)
+    assert built["sd_always"].controller.toggle == "always"
+    assert built["efficient"].drafter.name == "int4-asym-g32"
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"engine": "tensorrt"}, r"EfficientRolloutConfig\.engine must be one of 'native'"),
+        ({"drafter": {"bits": 4}}, r"DrafterConfig got unknown keys \['bits'\]"),
+        ({"controller": {"gamma": 0}}, r"ControllerConfig\.gamma_min|ControllerConfig\.gamma must be"),
+        ({"controller": {"preset": "fast"}}, r"ControllerConfig\.preset must be one of"),
+        ({"controller": {"margin": 0.9}}, r"ControllerConfig\.margin must be"),
+        ({"speculate": True}, r"unknown keys \['speculate'\]"),
+    ],
+)
+def test_bad_rollout_config_fails_when_built_naming_the_field(mapping, message):
+    from verl_efficientrollout.config import EfficientRolloutConfig
+
+    with pytest.raises(ValueError, match=message):
+        EfficientRolloutConfig.from_dict(mapping)

@@ -5,9 +5,13 @@ Build them once at the boundary (CLI, veRL adapter) and pass the objects down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Mapping
 
 from verl_efficientrollout._validate import check_choice, check_float, check_int
+
+if TYPE_CHECKING:
+    from verl_efficientrollout.controller import ControllerConfig
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,59 @@ class DrafterConfig:
                 return cls(recipe="int4", group_size=group_size, backend=backend)
         allowed = ", ".join(f"int4-g{g}" for g in INT4_GROUP_SIZES) + ", int8"
         raise ValueError(f"drafter recipe must be one of {allowed}, got {name!r}")
+
+
+ENGINES = ("native",)  # "vllm" and "sglang" join as their backends land
+
+
+@dataclass(frozen=True)
+class EfficientRolloutConfig:
+    """Everything the add-on reads from a rollout config (``rollout.custom.efficient`` in veRL).
+
+    ``from_dict`` takes the plain mapping found in YAML::
+
+        engine: native
+        drafter: {recipe: int4, group_size: 32}
+        controller: {preset: efficient, gamma_max: 6}   # a preset plus field overrides
+    """
+
+    engine: str = "native"
+    drafter: DrafterConfig = DrafterConfig()
+    controller: "ControllerConfig" = None  # type: ignore[assignment]  # filled in __post_init__
+
+    def __post_init__(self) -> None:
+        from verl_efficientrollout.controller import ControllerConfig
+
+        check_choice("EfficientRolloutConfig", "engine", self.engine, ENGINES)
+        if self.controller is None:
+            object.__setattr__(self, "controller", ControllerConfig())
+        if not isinstance(self.drafter, DrafterConfig):
+            raise ValueError(f"EfficientRolloutConfig.drafter must be a DrafterConfig, got {type(self.drafter).__name__}")
+        if not isinstance(self.controller, ControllerConfig):
+            raise ValueError(
+                f"EfficientRolloutConfig.controller must be a ControllerConfig, got {type(self.controller).__name__}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "EfficientRolloutConfig":
+        from verl_efficientrollout.controller import ControllerConfig
+
+        d = dict(d or {})
+        allowed = ("engine", "drafter", "controller")
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"EfficientRolloutConfig got unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
+        drafter = d.get("drafter") or {}
+        drafter_fields = {f.name for f in fields(DrafterConfig)}
+        if set(drafter) - drafter_fields:
+            raise ValueError(
+                f"DrafterConfig got unknown keys {sorted(set(drafter) - drafter_fields)}; "
+                f"allowed keys: {', '.join(sorted(drafter_fields))}"
+            )
+        controller = dict(d.get("controller") or {})
+        preset = controller.pop("preset", None)
+        return cls(
+            engine=d.get("engine", "native"),
+            drafter=DrafterConfig(**drafter),
+            controller=ControllerConfig.preset(preset, **controller) if preset else ControllerConfig.from_dict(controller),
+        )

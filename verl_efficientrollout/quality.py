@@ -37,13 +37,13 @@ class QualityConfig:
     dtype: str = "bfloat16"
     recipes: tuple[str, ...] = ("int4-g32", "int4-g64")
     temperatures: tuple[float, ...] = (1.0, 0.6)
-    num_problems: int = 6
+    num_problems: int = 4
     samples_per_problem: int = 4
-    max_new_tokens: int = 128
+    max_new_tokens: int = 96
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
     context: int = 256
     gamma: int = 4
-    repeats: int = 5
+    repeats: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,18 +83,24 @@ class RecipeQuality:
 def sample_responses(
     model, prompt_ids: list[int], num_samples: int, max_new_tokens: int, params: SamplingParams, eos_id: int,
     generator: torch.Generator,
-) -> list[list[int]]:
-    """Plain batched sampling of one prompt; each response ends at (and includes) EOS or the cap."""
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Plain batched sampling of one prompt; each response ends at (and includes) EOS or the cap.
+
+    Also returns the target logits that predicted each response token, ``[samples, steps, vocab]``
+    float32 (teacher forcing for free: the scoring pass then only runs the drafters).
+    """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     input_ids = torch.tensor([prompt_ids] * num_samples, device=device)  # [samples, prompt_len]
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     temperature, top_k, top_p = sampling_tensors([params] * num_samples, device)
     done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, all_logits = [], []
     for _ in range(max_new_tokens):
+        logits = logits.float()  # [samples, vocab]
+        all_logits.append(logits)
         token = sample(logits_to_probs(logits, temperature, top_k, top_p), generator)  # [samples]
         token = torch.where(done, eos_id, token)
         tokens.append(token)
@@ -103,7 +109,8 @@ def sample_responses(
             break
         logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
     rows = torch.stack(tokens, dim=1).tolist()
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    responses = [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    return responses, torch.stack(all_logits, dim=1)
 
 
 @torch.inference_mode()
@@ -116,8 +123,9 @@ def response_logits(model, prompt_ids: list[int], responses: list[list[int]], pa
     for i, response in enumerate(responses):
         ids[i, : len(prompt_ids) + len(response)] = torch.tensor(prompt_ids + response)
         mask[i, : len(response)] = True
-    start = len(prompt_ids) - 1  # right padding never affects earlier positions of a causal LM
-    logits = model(input_ids=ids).logits[:, start : start + longest].float()
+    # Keep the positions from the prompt's last token on; right padding never affects earlier
+    # positions of a causal LM.
+    logits = model(input_ids=ids, logits_to_keep=longest + 1).logits[:, :longest].float()
     return logits, mask
 
 
@@ -175,37 +183,38 @@ def run_quality(config: QualityConfig, out_dir: Path | None = None) -> dict:
         params = SamplingParams(temperature=temperature)
         for problem in tqdm(problems, desc=f"target samples, T={temperature}", leave=False):
             prompt = chat_prompt_ids(tokenizer, problem)
-            responses = sample_responses(
+            responses, logits = sample_responses(
                 target, prompt, config.samples_per_problem, config.max_new_tokens, params, eos_id, generator
             )
-            samples.setdefault(temperature, []).append((prompt, responses))
+            samples.setdefault(temperature, []).append((prompt, responses, logits))
 
-    results = []
-    for name in config.recipes:
-        drafter = build_drafter(target, DrafterConfig.from_name(name))
-        quality = RecipeQuality(recipe=drafter.report.recipe, drafter=asdict(drafter.report))
-        for temperature, groups in samples.items():
-            accepted_mass, agree, count = 0.0, 0, 0
-            for prompt, responses in tqdm(groups, desc=f"{quality.recipe}: scoring T={temperature}", leave=False):
-                target_logits, mask = response_logits(target, prompt, responses, eos_id)
-                draft_logits, _ = response_logits(drafter.module, prompt, responses, eos_id)
-                n = target_logits.shape[0]
-                temp, top_k, top_p = sampling_tensors([SamplingParams(temperature=temperature)] * n)
-                target_probs = logits_to_probs(target_logits, temp, top_k, top_p)  # [n, len, vocab]
-                draft_probs = logits_to_probs(draft_logits, temp, top_k, top_p)
-                tv = 0.5 * (target_probs - draft_probs).abs().sum(-1)  # [n, len]
-                accepted_mass += float((1 - tv)[mask].sum())
-                agree += int((target_logits.argmax(-1) == draft_logits.argmax(-1))[mask].sum())
-                count += int(mask.sum())
+    drafters = [build_drafter(target, DrafterConfig.from_name(name)) for name in config.recipes]
+    results = [RecipeQuality(recipe=d.report.recipe, drafter=asdict(d.report)) for d in drafters]
+    for temperature, groups in samples.items():
+        sums = [[0.0, 0, 0] for _ in drafters]  # accepted mass, greedy agreements, tokens
+        for prompt, responses, sampled_logits in tqdm(groups, desc=f"scoring drafters, T={temperature}", leave=False):
+            draft_logits, mask = response_logits(drafters[0].module, prompt, responses, eos_id)
+            target_logits = sampled_logits[:, : mask.shape[1]]  # [n, len, vocab], from the sampling pass
+            params = sampling_tensors([SamplingParams(temperature=temperature)] * len(responses))
+            target_probs = logits_to_probs(target_logits, *params)  # [n, len, vocab]
+            target_argmax = target_logits.argmax(-1)
+            for i, (drafter, acc) in enumerate(zip(drafters, sums)):
+                if i:
+                    draft_logits, _ = response_logits(drafter.module, prompt, responses, eos_id)
+                tv = 0.5 * (target_probs - logits_to_probs(draft_logits, *params)).abs().sum(-1)  # [n, len]
+                acc[0] += float((1 - tv)[mask].sum())
+                acc[1] += int((target_argmax == draft_logits.argmax(-1))[mask].sum())
+                acc[2] += int(mask.sum())
+        for quality, (accepted_mass, agree, count) in zip(results, sums):
             quality.acceptance[str(temperature)] = accepted_mass / count
             quality.tokens_scored[str(temperature)] = count
             if temperature == config.temperatures[0]:
                 quality.greedy_agreement = agree / count
+    for drafter, quality in zip(drafters, results):
         for batch in tqdm(config.batch_sizes, desc=f"{quality.recipe}: step costs", leave=False):
             quality.step_costs.append(
                 step_costs(target, drafter.module, batch, config.context, config.gamma, config.repeats)
             )
-        results.append(quality)
 
     import torchao
 
@@ -217,11 +226,12 @@ def run_quality(config: QualityConfig, out_dir: Path | None = None) -> dict:
             "torch": torch.__version__,
             "torchao": torchao.__version__,
             "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine(),
             "processor": platform.processor(),
         },
         "responses": {
-            str(t): [len(r) for _, responses in groups for r in responses] for t, groups in samples.items()
+            str(t): [len(r) for _, responses, _ in groups for r in responses] for t, groups in samples.items()
         },
         "recipes": [asdict(q) for q in results],
     }
@@ -234,7 +244,8 @@ def run_quality(config: QualityConfig, out_dir: Path | None = None) -> dict:
 
 def format_quality(report: dict) -> str:
     lines = [f"model {report['model']} ({report['dtype']}), torch {report['environment']['torch']}, "
-             f"torchao {report['environment']['torchao']}, {report['environment']['threads']} threads"]
+             f"torchao {report['environment']['torchao']}, {report['environment']['threads']} threads, "
+             f"CPU kernels {report['environment']['cpu_capability']}"]
     temps = list(report["recipes"][0]["acceptance"])
     head = "| recipe | " + " | ".join(f"acceptance T={t}" for t in temps)
     head += " | greedy agreement | drafter MB (own + shared) | target MB | build s |"
