@@ -17,7 +17,11 @@ def test_drafter_quantizes_decoder_linears_and_shares_everything_else(tiny_llama
     report = drafter.report
     assert report.quantized_layers == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert report.skipped_layers == ("lm_head",)
-    draft_params = dict(drafter.module.named_parameters(remove_duplicate=False))
+    # On CPU an fp32 target's int4 linears run in bf16 inside a cast wrapper ("<name>.linear").
+    draft_params = {
+        name.replace(".linear.", "."): param
+        for name, param in drafter.module.named_parameters(remove_duplicate=False)
+    }
     for name, target_param in tiny_llama.named_parameters(remove_duplicate=False):
         draft_param = draft_params[name]
         if name.startswith("model.layers.") and "proj" in name:
@@ -93,6 +97,20 @@ def test_linears_that_misfit_the_group_size_are_skipped_and_reported():
 def test_backend_that_does_not_match_the_target_device_is_refused(tiny_llama):
     with pytest.raises(DrafterBuildError, match="backend='cuda' but the target is on 'cpu'"):
         build_drafter(tiny_llama, DrafterConfig(backend="cuda"))
+
+
+def test_fp32_target_gets_bf16_activation_int4_linears_on_cpu(tiny_llama):
+    """aten's CPU int4 kernel is fast with bf16 activations only; the drafter casts in and out."""
+    drafter = build_drafter(tiny_llama, INT4_G32)
+    q_proj = drafter.module.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "_CastActivations" and q_proj.dtype == torch.bfloat16
+    assert q_proj.linear.weight.dtype == torch.bfloat16
+    ids = torch.randint(256, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert drafter(ids).logits.dtype == torch.float32
+    bf16_target = _copy(tiny_llama).to(torch.bfloat16)
+    q_proj = build_drafter(bf16_target, INT4_G32).module.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.Linear) and _is_quantized(q_proj.weight)
 
 
 def test_cpu_int4_route_is_the_opaque_kernel_and_cuda_route_is_tinygemm():

@@ -281,11 +281,12 @@ def plot_quality(report: dict, path: Path) -> None:
     width = 0.8 / (len(temps) + 1)
     for j, label in enumerate([f"acceptance T={t}" for t in temps] + ["greedy agreement"]):
         values = [q["acceptance"][temps[j]] if j < len(temps) else q["greedy_agreement"] for q in recipes]
-        left.bar([i + j * width for i in range(len(recipes))], values, width, label=label)
+        bars = left.bar([i + j * width for i in range(len(recipes))], values, width, label=label)
+        left.bar_label(bars, fmt="%.3f", fontsize=7)
     left.set_xticks([i + width * len(temps) / 2 for i in range(len(recipes))], [q["recipe"] for q in recipes])
-    left.set_ylim(0, 1)
+    left.set_ylim(0, 1.1)
     left.set_title("drafter vs target, teacher-forced on target samples")
-    left.legend(loc="lower right", fontsize=8)
+    left.legend(loc="lower left", fontsize=8)
     for q in recipes:
         batches = [c["batch"] for c in q["step_costs"]]
         right.plot(batches, [c["r"] for c in q["step_costs"]], "o-", label=f"r = draft/target, {q['recipe']}")
