@@ -1,0 +1,179 @@
+"""The native engine: lossless speculative decoding end to end, compaction, weights, bad input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+
+from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout.controller import Controller, ControllerConfig
+from verl_efficientrollout.engine.base import Request
+from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _controller(preset: str, **overrides) -> Controller:
+    return Controller(ControllerConfig.preset(preset, **overrides))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A seeded random Llama with a small vocab and peaked next-token distributions, no EOS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.15,
+    )
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_engine(small_model):
+    return NativeEngine(small_model, EfficientRolloutConfig(), NativeEngineConfig(dtype="float32", max_model_len=64))
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return NativeEngine.load("default", EfficientRolloutConfig(), NativeEngineConfig(dtype="float32"))
+
+
+@pytest.mark.model
+def test_greedy_speculative_output_is_identical_to_plain_decoding(default_engine):
+    """fp32, temperature 0: every gamma and every policy gives AR's tokens, token for token."""
+    from verl_efficientrollout.data import chat_prompt_ids, math_problems
+
+    tokenizer = default_engine.tokenizer
+    prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[:3]]
+    requests = [Request(p, 40, GREEDY, str(i)) for i, p in enumerate(prompts)] + [Request(prompts[0], 25, GREEDY, "x")]
+    plain = default_engine.generate(requests, controller=_controller("ar"))
+    assert all(len(o.token_ids) > 0 for o in plain.outputs)
+    runs = {f"sd-always gamma={g}": _controller("sd-always", gamma=g, gamma_max=8) for g in (1, 2, 4, 8)}
+    runs["threshold"] = _controller("ar", toggle="threshold", threshold_batch_size=2, gamma=3)
+    runs["paper"] = _controller("paper", paper_min_requests=0, prior_acceptance=0.95)
+    runs["efficient"] = _controller("efficient", prior_acceptance=0.95)
+    for name, controller in runs.items():
+        speculative = default_engine.generate(requests, controller=controller)
+        assert [o.token_ids for o in speculative.outputs] == [o.token_ids for o in plain.outputs], name
+        assert [o.finish_reason for o in speculative.outputs] == [o.finish_reason for o in plain.outputs], name
+        if name.startswith("sd-always"):
+            assert controller.stats.speculated_steps == len(speculative.steps) > 0
+            assert controller.stats.token_acceptance > 0.8  # on-grid int4 drafter of the default model
+
+
+def _exact_two_token_distribution(engine, prompt, temperature):
+    """P(first token) [vocab] and P(second token) [vocab] of the target, by enumeration."""
+    vocab = engine.target.args.vocab_size
+    with torch.inference_mode():
+        from verl_efficientrollout.engine.model import KVCache
+
+        cache = KVCache(engine.target.args, vocab, len(prompt) + 2, engine.target.dtype)
+        tokens = torch.tensor([list(prompt) + [t] for t in range(vocab)])
+        positions = torch.arange(len(prompt) + 1).expand(vocab, -1)
+        logits = engine.target(tokens, positions, cache, torch.arange(vocab))  # [vocab, len + 1, vocab]
+    first_probs = (logits[0, -2] / temperature).softmax(-1)
+    second_given_first = (logits[:, -1] / temperature).softmax(-1)  # [first token, vocab]
+    return first_probs, first_probs @ second_given_first
+
+
+def test_temperature_one_output_follows_the_target_distribution(small_engine):
+    """Empirical first/second-token frequencies of speculative decoding match the target's."""
+    prompt, samples, temperature = (3, 17, 5, 9), 8000, 1.0
+    first_probs, second_probs = _exact_two_token_distribution(small_engine, prompt, temperature)
+    requests = [Request(prompt, 3, SamplingParams(temperature=temperature))] * samples
+    controller = _controller("sd-always", gamma=2)
+    result = small_engine.generate(requests, seed=1, controller=controller)
+    tokens = torch.tensor([o.token_ids for o in result.outputs])  # [samples, 3]
+    vocab = first_probs.numel()
+    bound = 0.5 * math.sqrt(vocab / samples) + math.sqrt(math.log(1e6) / (2 * samples))  # ~0.06
+    for position, exact in ((0, first_probs), (1, second_probs)):
+        empirical = torch.bincount(tokens[:, position], minlength=vocab).float() / samples
+        assert 0.5 * (empirical - exact).abs().sum() < bound, position
+    assert 0.0 < controller.stats.token_acceptance < 1.0  # drafts were really judged
+    assert controller.stats.speculated_steps > 0
+
+
+def test_same_seed_same_tokens_and_a_new_seed_differs(small_engine):
+    requests = [Request((1, 2, 3), 12, SamplingParams(temperature=1.0), str(i)) for i in range(4)]
+    run = lambda seed: [o.token_ids for o in small_engine.generate(requests, seed, _controller("sd-always")).outputs]
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_finished_rows_leave_the_batch(small_engine):
+    budgets = (1, 3, 8, 20)
+    requests = [Request((4, 5), budget, SamplingParams(temperature=1.0), str(budget)) for budget in budgets]
+    result = small_engine.generate(requests, controller=_controller("ar"))
+    assert [len(o.token_ids) for o in result.outputs] == list(budgets)
+    assert all(o.finish_reason == "length" for o in result.outputs)
+    batches = [batch for batch, *_ in result.steps]
+    assert batches == sorted(batches, reverse=True) and batches[0] == 3 and batches[-1] == 1
+    assert len(batches) == max(budgets) - 1  # the first token comes from the prefill
+
+
+def test_rows_stop_at_eos_and_keep_it(small_model):
+    model = copy.deepcopy(small_model)
+    model.generation_config.eos_token_id = 7
+    engine = NativeEngine(model, engine_config=NativeEngineConfig(max_model_len=256))
+    requests = [Request((1, 2), 150, SamplingParams(temperature=1.0), str(i)) for i in range(16)]
+    result = engine.generate(requests, controller=_controller("sd-always", gamma=3))
+    stopped = [o for o in result.outputs if o.finish_reason == "stop"]
+    assert stopped, "some of 16 rows of 150 tokens must sample token 7"
+    assert all(o.token_ids[-1] == 7 and 7 not in o.token_ids[:-1] for o in stopped)
+
+
+def test_bad_requests_fail_alone_and_an_empty_batch_fails_before_any_work(small_engine):
+    with pytest.raises(ValueError, match="at least one Request"):
+        small_engine.generate([])
+    with pytest.raises(ValueError, match=r"Request.max_new_tokens must be an integer >= 1"):
+        Request((1, 2), 0)
+    with pytest.raises(ValueError, match=r"Request.prompt_ids must be a non-empty"):
+        Request((), 4)
+    with pytest.raises(ValueError, match=r"SamplingParams.top_p must be"):
+        Request((1,), 4, SamplingParams(top_p=0.0))
+    requests = [Request((1, 2), 4, request_id="ok"), Request((1,) * 70, 4, request_id="long"),
+                Request((1, 99), 4, request_id="vocab")]
+    outputs = small_engine.generate(requests).outputs
+    assert [o.finish_reason for o in outputs] == ["length", "error", "error"]
+    assert "exceeds max_model_len 64" in outputs[1].error and "vocab size 32" in outputs[2].error
+    assert len(outputs[0].token_ids) == 4
+
+
+def test_weight_update_rebuilds_the_drafter_and_bad_updates_keep_the_old_weights(small_model):
+    engine = NativeEngine(copy.deepcopy(small_model))
+    requests = [Request((1, 2, 3), 10, GREEDY)]
+    before = engine.generate(requests, controller=_controller("ar")).outputs[0].token_ids
+    new_state = {name: t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
+                 for name, t in small_model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing"):
+        engine.update_weights((n, t) for n, t in new_state.items() if "layers.1.mlp" not in n)
+    bad_shape = dict(new_state, **{"model.norm.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \(3,\)"):
+        engine.update_weights(bad_shape.items())
+    assert engine.weights_version == 0
+    assert engine.generate(requests, controller=_controller("ar")).outputs[0].token_ids == before
+
+    engine.update_weights(new_state.items())
+    assert engine.weights_version == 1 and engine.drafter.weights_version == 1
+    updated = NativeEngine(copy.deepcopy(small_model))
+    updated.update_weights(new_state.items())
+    after = engine.generate(requests, controller=_controller("sd-always")).outputs[0].token_ids
+    assert after == updated.generate(requests, controller=_controller("ar")).outputs[0].token_ids
+    assert after != before
+
+
+def test_drafter_build_failure_falls_back_to_plain_decoding(small_model, caplog):
+    config = EfficientRolloutConfig(drafter=DrafterConfig(group_size=256))  # no linear fits 256-groups
+    with caplog.at_level(logging.WARNING):
+        engine = NativeEngine(small_model, config)
+    assert engine.drafter is None and "decoding without speculation" in caplog.text
+    result = engine.generate([Request((1, 2), 6, GREEDY)], controller=_controller("sd-always"))
+    assert len(result.outputs[0].token_ids) == 6 and not any(speculated for _, speculated, *_ in result.steps)

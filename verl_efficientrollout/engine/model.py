@@ -1,0 +1,221 @@
+"""A lean decoder-only LM (Llama family) with a slot-indexed static KV cache.
+
+One forward serves every step of the native engine: plain decoding (one token per row), the
+drafter's steps and the target's verify (gamma + 1 tokens per row). Rows carry their own
+positions and KV-cache slot, so finished rows simply leave the batch (no cache copy) and a
+rejected draft is rolled back by position alone: keys at positions a row has not committed are
+never attended (causal mask on absolute positions) and get overwritten by the next write.
+
+The drafter is ``build_drafter(model, ...)`` of this module: same class, same cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' config.model_type
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {', '.join(SUPPORTED_MODEL_TYPES)} for the native engine, got {model_type!r}"
+            )
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"model rope_type must be 'default' for the native engine, got {rope_type!r}")
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps, rope_theta=float(theta), qkv_bias=model_type == "qwen2",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class KVCache:
+    """K and V for every layer: ``[num_layers, slots, kv_heads, max_len, head_dim]`` each."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_len: int, dtype: torch.dtype, device="cpu") -> None:
+        shape = (args.num_layers, slots, args.num_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.args, self.layer = args, layer
+        qkv_out = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.wqkv = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate, up
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [batch, tokens, hidden]
+        cos: torch.Tensor,  # [batch, 1, tokens, head_dim]
+        sin: torch.Tensor,  # [batch, 1, tokens, head_dim]
+        cache: KVCache,
+        slots: torch.Tensor,  # [batch] int64
+        positions: torch.Tensor,  # [batch, tokens] int64
+        mask: torch.Tensor,  # [batch, 1, tokens, keys] bool
+    ) -> torch.Tensor:
+        a = self.args
+        batch, tokens, _ = x.shape
+        qkv = self.wqkv(self.attn_norm(x)).view(batch, tokens, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
+        q, k, v = qkv.transpose(1, 2).split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        index = (slots[:, None], slice(None), positions)  # [batch, tokens] -> writes [batch, tokens, kv, dim]
+        cache.k[self.layer][index[0], :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[self.layer][index[0], :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+        keys = mask.shape[-1]
+        k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)  # [batch, kv, keys, dim]
+        v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.num_kv_heads != a.num_heads)
+        x = x + self.wo(out.transpose(1, 2).reshape(batch, tokens, a.num_heads * a.head_dim))
+        gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [batch, tokens] int64
+        positions: torch.Tensor,  # [batch, tokens] int64, absolute positions of those tokens
+        cache: KVCache,
+        slots: torch.Tensor,  # [batch] int64, each row's KV-cache slot
+        output_index: torch.Tensor | None = None,  # [batch] int64: logits of that token only
+    ) -> torch.Tensor:  # [batch, tokens, vocab] float32, or [batch, 1, vocab] with output_index
+        """Writes the tokens' K/V at their positions, attends causally over each row's slot."""
+        x = self.embed_tokens(tokens)
+        angles = positions[..., None].float() * self.inv_freq  # [batch, tokens, head_dim / 2]
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        keys = int(positions.max()) + 1
+        mask = torch.arange(keys, device=tokens.device) <= positions[..., None]  # [batch, tokens, keys]
+        mask = mask[:, None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, slots, positions, mask)
+        if output_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), output_index][:, None]
+        return self.lm_head(self.norm(x)).float()
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype | None = None, device=None) -> "DecoderLM":
+        """Build from a loaded transformers model (weights fused: qkv, gate/up); by default in
+        the model's own dtype and device."""
+        args = ModelArgs.from_hf_config(hf_model.config)
+        param = next(hf_model.parameters())
+        with torch.device("meta"):
+            model = cls(args)
+        model.load_hf_state_dict(hf_model.state_dict(), dtype=dtype or param.dtype, device=device or param.device)
+        return model.eval().requires_grad_(False)
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:
+        """Replace every weight from HF-named tensors (fails before touching anything if incomplete)."""
+        own = _fuse_hf_state_dict(self.args, state)
+        expected = {n for n, _ in self.named_parameters(remove_duplicate=True)}
+        missing = sorted(expected - set(own))
+        if missing:
+            raise ValueError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+        for name, param in self.named_parameters(remove_duplicate=True):
+            if tuple(own[name].shape) != tuple(param.shape):
+                raise ValueError(f"weight {name} has shape {tuple(own[name].shape)}, expected {tuple(param.shape)}")
+            if not own[name].is_floating_point():
+                raise ValueError(f"weight {name} has dtype {own[name].dtype}, expected a floating-point tensor")
+        for name, _ in list(self.named_parameters(remove_duplicate=True)):
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            setattr(module, leaf, nn.Parameter(own[name].to(device=device, dtype=dtype), requires_grad=False))
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = (
+            1.0 / self.args.rope_theta ** (torch.arange(0, self.args.head_dim, 2, dtype=torch.float32, device=device)
+                                           / self.args.head_dim)
+        )
+
+
+def _fuse_hf_state_dict(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        if name not in state:
+            raise ValueError(f"weights are missing {name!r}")
+        return state[name]
+
+    own = {"embed_tokens.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    if not args.tie_word_embeddings:
+        own["lm_head.weight"] = get("lm_head.weight")
+    for i in range(args.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        own[o + "wqkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if args.qkv_bias:
+            own[o + "wqkv.bias"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        own[o + "wo.weight"] = get(p + "self_attn.o_proj.weight")
+        own[o + "w13.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        own[o + "w2.weight"] = get(p + "mlp.down_proj.weight")
+        own[o + "attn_norm.weight"] = get(p + "input_layernorm.weight")
+        own[o + "mlp_norm.weight"] = get(p + "post_attention_layernorm.weight")
+    return own

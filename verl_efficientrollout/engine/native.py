@@ -1,0 +1,273 @@
+"""The native rollout engine: PyTorch + a lean decoder, plain or self-speculative decoding per step.
+
+Data path of one ``generate`` call (a rollout batch: prompts x samples):
+
+1. prefill each distinct prompt once and copy its KV into the slots of its samples;
+2. every decode step, ask the controller; then either
+   * a plain step: one target forward for the active rows, sample one token each, or
+   * a speculative step: gamma drafter forwards on the target's own KV cache (the drafter writes
+     only the drafted positions), one target verify forward over gamma + 1 tokens (overwriting
+     those positions), lossless rejection sampling, commit ``accepted + 1`` tokens per row;
+3. rows that hit EOS or their token budget leave the batch (compaction): step cost follows the
+   active batch. Nothing is copied on rollback: positions past a row's committed length are
+   never attended and are overwritten by its next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from verl_efficientrollout._validate import check_choice, check_int
+from verl_efficientrollout.config import EfficientRolloutConfig
+from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
+from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult
+from verl_efficientrollout.engine.model import DecoderLM, KVCache
+from verl_efficientrollout.models import load_target, torch_dtype
+from verl_efficientrollout.rejection import rejection_sample
+from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors
+
+logger = logging.getLogger(__name__)
+
+_PREFILL_CHUNK = 8  # distinct prompts per prefill forward
+
+
+@dataclass(frozen=True)
+class NativeEngineConfig:
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+    max_model_len: int = 2048  # prompt + new tokens per request
+
+    def __post_init__(self) -> None:
+        check_choice("NativeEngineConfig", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_int("NativeEngineConfig", "max_model_len", self.max_model_len, low=2)
+
+
+class NativeEngine:
+    def __init__(
+        self,
+        hf_model,
+        config: EfficientRolloutConfig | None = None,
+        engine_config: NativeEngineConfig | None = None,
+        tokenizer=None,
+    ) -> None:
+        """Serve a loaded transformers causal LM (its weights are copied into the lean decoder)."""
+        self.config = config or EfficientRolloutConfig()
+        self.engine_config = engine_config = engine_config or NativeEngineConfig()
+        self.tokenizer = tokenizer
+        eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        tied = getattr(hf_model.config, "tie_word_embeddings", False)
+        state = hf_model.state_dict()
+        self.weight_shapes = {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
+        self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device)
+        self.weights_version = 0
+        self.controller = Controller(self.config.controller)
+        self.drafter: Drafter | None = self._build_drafter()
+        self._cache: KVCache | None = None
+
+    @classmethod
+    def load(
+        cls, model: str = "default", config: EfficientRolloutConfig | None = None,
+        engine_config: NativeEngineConfig | None = None,
+    ) -> "NativeEngine":
+        """Load ``model`` ('default' or a local HF directory) and serve it."""
+        engine_config = engine_config or NativeEngineConfig()
+        hf_model, tokenizer = load_target(model, dtype=engine_config.dtype, device=engine_config.device)
+        return cls(hf_model, config, engine_config, tokenizer)
+
+    # ---------------------------------------------------------------- weights
+
+    def _build_drafter(self) -> Drafter | None:
+        try:
+            return build_drafter(self.target, self.config.drafter, self.weights_version)
+        except DrafterBuildError as exc:
+            logger.warning("no drafter, decoding without speculation: %s", exc)
+            return None
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load a complete set of new target weights (HF names, as veRL sends them), then rebuild
+        the drafter. Incomplete, unknown or mis-shaped updates raise ``ValueError`` and the
+        previous weights keep serving."""
+        state = dict(named_tensors)
+        unknown = sorted(set(state) - set(self.weight_shapes) - {"lm_head.weight"})
+        missing = sorted(set(self.weight_shapes) - set(state))
+        if unknown or missing:
+            raise ValueError(f"weight update rejected: missing {missing[:3]} ({len(missing)}), "
+                             f"unknown {unknown[:3]} ({len(unknown)}); the previous weights keep serving")
+        for name, shape in self.weight_shapes.items():
+            if tuple(state[name].shape) != shape:
+                raise ValueError(f"weight update rejected: {name} has shape {tuple(state[name].shape)}, "
+                                 f"expected {shape}; the previous weights keep serving")
+        param = self.target.embed_tokens.weight
+        self.target.load_hf_state_dict(state, dtype=param.dtype, device=param.device)
+        self.weights_version += 1
+        self.drafter = self._build_drafter()
+
+    # ---------------------------------------------------------------- generation
+
+    def check_request(self, request: Request) -> str | None:
+        """Why this engine cannot serve ``request`` (None if it can)."""
+        limit = self.engine_config.max_model_len
+        if len(request.prompt_ids) + request.max_new_tokens > limit:
+            return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens {request.max_new_tokens} "
+                    f"exceeds max_model_len {limit}")
+        if max(request.prompt_ids) >= self.target.args.vocab_size:
+            return f"prompt token id {max(request.prompt_ids)} >= vocab size {self.target.args.vocab_size}"
+        return None
+
+    def generate(self, requests: Sequence[Request], seed: int = 0, controller: Controller | None = None) -> RolloutResult:
+        """Generate every request; a request this engine cannot serve gets an error output alone."""
+        if not requests:
+            raise ValueError("generate needs at least one Request, got an empty list")
+        start = time.perf_counter()
+        outputs: list[RequestOutput | None] = [None] * len(requests)
+        valid = []
+        for i, request in enumerate(requests):
+            error = self.check_request(request)
+            if error:
+                outputs[i] = RequestOutput(request.request_id, [], "error", error)
+            else:
+                valid.append(i)
+        result = RolloutResult(outputs=[], seconds=0.0)
+        if valid:
+            controller = controller or self.controller
+            generator = torch.Generator(device=self.engine_config.device).manual_seed(seed)
+            tokens, reasons = self._run([requests[i] for i in valid], controller, generator, result)
+            for i, row_tokens, reason in zip(valid, tokens, reasons):
+                outputs[i] = RequestOutput(requests[i].request_id, row_tokens, reason)
+            result.controller = controller.stats.to_dict()
+        result.outputs = outputs  # type: ignore[assignment]
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _kv_cache(self, slots: int, max_len: int) -> KVCache:
+        cache = self._cache
+        if cache is None or cache.k.shape[1] < slots or cache.max_len < max_len:
+            self._cache = None  # free the old one first
+            cache = self._cache = KVCache(self.target.args, slots, max_len, self.target.dtype, self.engine_config.device)
+        return cache
+
+    @torch.inference_mode()
+    def _run(self, requests: list[Request], controller: Controller, generator: torch.Generator, result: RolloutResult):
+        device = self.engine_config.device
+        n = len(requests)
+        longest_draft = controller.config.longest_draft
+        cache = self._kv_cache(n, max(len(r.prompt_ids) + r.max_new_tokens for r in requests) + longest_draft + 1)
+        temperature, top_k, top_p = sampling_tensors([r.sampling for r in requests], device)
+        budget = torch.tensor([r.max_new_tokens for r in requests], device=device)
+        slots = torch.arange(n, device=device)
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)  # committed tokens in KV
+
+        prefill_start = time.perf_counter()
+        first_logits = self._prefill(requests, cache)  # [n, vocab]
+        result.prefill_seconds = time.perf_counter() - prefill_start
+        last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
+        generated: list[list[int]] = [[int(t)] for t in last]
+        reasons: list[str | None] = [None] * n
+        for row in range(n):
+            reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens)
+        active = torch.tensor([row for row in range(n) if reasons[row] is None], dtype=torch.long, device=device)
+
+        controller.begin_rollout()
+        step = 0
+        while active.numel():
+            state = EngineState(len(active), int(lengths[active].sum()) + len(active), step, n)
+            decision = controller.decide(state)
+            if decision.speculate and self.drafter is None:
+                decision = Decision(False, 0, decision.predicted_speedup, "no drafter")
+            step_start = time.perf_counter()
+            params = (temperature[active], top_k[active], top_p[active])
+            if decision.speculate:
+                remaining = budget[active] - torch.tensor([len(generated[r]) for r in active.tolist()], device=device)
+                num_draft = (remaining - 1).clamp(min=0, max=decision.gamma)
+                new_tokens, num_accepted, draft_s, verify_s = self._speculative_step(
+                    cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
+                )
+                drafted, accepted = per_position_counts(num_accepted.tolist(), num_draft.tolist())
+                obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
+                                      draft_seconds=draft_s, verify_seconds=verify_s)
+            else:
+                logits = self.target(last[active, None], lengths[active, None], cache, slots[active])[:, 0]
+                new_tokens = sample(logits_to_probs(logits, *params), generator)[:, None]
+                num_accepted = torch.zeros(len(active), dtype=torch.long, device=device)
+                obs = StepObservation(decision, state.batch_size, state.total_context,
+                                      target_seconds=time.perf_counter() - step_start)
+            controller.observe(obs)
+            # Commit: the previous last token and the accepted drafts are now in the KV cache.
+            lengths[active] += num_accepted + 1
+            last[active] = new_tokens[torch.arange(len(active)), num_accepted]
+            keep = []
+            for i, row in enumerate(active.tolist()):
+                generated[row].extend(new_tokens[i, : int(num_accepted[i]) + 1].tolist())
+                reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens)
+                if reasons[row] is None:
+                    keep.append(i)
+            result.steps.append((len(active), decision.speculate, decision.gamma, time.perf_counter() - step_start,
+                                 int(num_accepted.sum())))
+            active = active[torch.tensor(keep, dtype=torch.long, device=device)] if len(keep) < len(active) else active
+            step += 1
+        return generated, reasons
+
+    def _finish_reason(self, tokens: list[int], max_new_tokens: int) -> str | None:
+        """Truncate ``tokens`` in place at the first EOS or the budget; say why it finished."""
+        for i, token in enumerate(tokens[:max_new_tokens]):
+            if token in self.eos_token_ids:
+                del tokens[i + 1 :]
+                return "stop"
+        if len(tokens) >= max_new_tokens:
+            del tokens[max_new_tokens:]
+            return "length"
+        return None
+
+    def _prefill(self, requests: list[Request], cache: KVCache) -> torch.Tensor:  # [n, vocab]
+        """Prefill each distinct prompt once; its samples' slots get a copy of its KV."""
+        device = self.engine_config.device
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, request in enumerate(requests):
+            groups.setdefault(request.prompt_ids, []).append(row)
+        prompts = list(groups)
+        logits = torch.empty(len(requests), self.target.args.vocab_size, device=device)
+        for start in range(0, len(prompts), _PREFILL_CHUNK):
+            chunk = prompts[start : start + _PREFILL_CHUNK]
+            width = max(len(p) for p in chunk)
+            tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+            for i, prompt in enumerate(chunk):
+                tokens[i, : len(prompt)] = torch.tensor(prompt)
+            positions = torch.arange(width, device=device).expand(len(chunk), width)
+            first_slots = torch.tensor([groups[p][0] for p in chunk], device=device)
+            last_index = torch.tensor([len(p) - 1 for p in chunk], device=device)
+            chunk_logits = self.target(tokens, positions, cache, first_slots, output_index=last_index)[:, 0]
+            for i, prompt in enumerate(chunk):
+                rows = groups[prompt]
+                logits[rows] = chunk_logits[i]
+                if len(rows) > 1:  # samples of one prompt share its prefix: copy, do not recompute
+                    cache.k[:, rows[1:], :, : len(prompt)] = cache.k[:, rows[:1], :, : len(prompt)]
+                    cache.v[:, rows[1:], :, : len(prompt)] = cache.v[:, rows[:1], :, : len(prompt)]
+        return logits
+
+    def _speculative_step(self, cache, slots, lengths, last, num_draft, gamma, params, generator):
+        """Draft ``gamma`` tokens on the shared cache, verify them in one target forward, accept."""
+        draft_start = time.perf_counter()
+        token, draft_tokens, draft_probs = last, [], []
+        for i in range(gamma):
+            logits = self.drafter.module(token[:, None], (lengths + i)[:, None], cache, slots)[:, 0]
+            probs = logits_to_probs(logits, *params)  # [batch, vocab]
+            token = sample(probs, generator)
+            draft_tokens.append(token)
+            draft_probs.append(probs)
+        draft_tokens = torch.stack(draft_tokens, dim=1)  # [batch, gamma]
+        verify_start = time.perf_counter()
+        positions = lengths[:, None] + torch.arange(gamma + 1, device=lengths.device)
+        target_logits = self.target(torch.cat([last[:, None], draft_tokens], dim=1), positions, cache, slots)
+        target_probs = logits_to_probs(target_logits, *params)  # [batch, gamma + 1, vocab]
+        greedy = params[0] == 0
+        output, num_accepted = rejection_sample(
+            draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
+        )
+        return output, num_accepted, verify_start - draft_start, time.perf_counter() - verify_start
