@@ -1,5 +1,6 @@
 """``efficient-rollout``: the command line.
 
+    efficient-rollout bench [--model DIR] [--drafter int4-g32] [--out results/bench]
     efficient-rollout quality [--model DIR] [--recipes int4-g32,int4-g64] [--out results/quality]
     efficient-rollout model-path [--model DIR]
 """
@@ -16,11 +17,29 @@ def _csv(kind):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from verl_efficientrollout.bench import BenchConfig
     from verl_efficientrollout.quality import QualityConfig
 
     defaults = QualityConfig()
     parser = argparse.ArgumentParser(prog="efficient-rollout", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    b = BenchConfig()
+    bench = commands.add_parser("bench", help="rollout latency of each speculation policy vs plain decoding")
+    bench.add_argument("--model", default=b.model, help="'default' or a local HF model directory")
+    bench.add_argument("--dtype", default=b.dtype, help="float32, bfloat16 or float16")
+    bench.add_argument("--drafter", default=b.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
+    bench.add_argument("--prompts", type=int, default=b.prompts)
+    bench.add_argument("--samples", type=int, default=b.samples)
+    bench.add_argument("--max-new-tokens", type=int, default=b.max_new_tokens)
+    bench.add_argument("--temperature", type=float, default=b.temperature)
+    bench.add_argument("--repeats", type=int, default=b.repeats)
+    bench.add_argument("--modes", type=_csv(str), default=b.modes, help="from ar,sd-always,threshold,paper,efficient")
+    bench.add_argument("--gamma", type=int, default=b.gamma, help="gamma of sd-always and threshold")
+    bench.add_argument("--threshold-batch-size", type=int, default=b.threshold_batch_size)
+    bench.add_argument("--perturbations", type=_csv(float), default=b.perturbations)
+    bench.add_argument("--seed", type=int, default=b.seed)
+    bench.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for bench.json/.png")
 
     quality = commands.add_parser("quality", help="drafter quality report: acceptance, bytes, build time, step costs")
     quality.add_argument("--model", default=defaults.model, help="'default' or a local HF model directory")
@@ -49,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             from verl_efficientrollout.models import resolve_model
 
             print(resolve_model(args.model))
+            return 0
+        if args.command == "bench":
+            from verl_efficientrollout.bench import BenchConfig, format_bench, run_bench
+
+            config = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+            print(format_bench(run_bench(config, args.out)))
+            print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
             return 0
         from verl_efficientrollout.quality import QualityConfig, format_quality, run_quality
 

@@ -118,3 +118,46 @@ def test_bundled_cpu_profile_says_speculation_pays_at_batch_1_not_64():
     best = lambda b: max(predicted_speedup((0.95,), g, *model.ratios(b, 256 * b, g)) for g in range(1, 9))
     assert best(1) > 1.3
     assert best(64) < 1.0
+
+
+def test_calibrate_makes_the_prediction_equal_the_measurement_for_that_batch_bucket():
+    from verl_efficientrollout.controller import CostModel, load_profile
+
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.1)
+    model.calibrate("verify", 4, 4 * 300, 0.25, gamma=4)
+    assert model.verify_time(4, 4 * 300, 4) == pytest.approx(0.25)
+    assert model.verify_time(5, 5 * 300, 4) != pytest.approx(0.25)  # same bucket, scaled by the roofline
+    assert model.target_time(4, 4 * 300) == pytest.approx(CostModel(model.profile).target_time(4, 4 * 300))
+    with pytest.raises(ValueError, match="CostModel.seconds must be"):
+        model.calibrate("target", 1, 10, 0.0)
+
+
+def test_fit_profile_recovers_a_device_from_its_measured_step_times():
+    from verl_efficientrollout.controller import CostModel, StepCost, fit_profile, load_profile
+
+    base = load_profile("cpu-smollm2-135m")
+    import dataclasses
+
+    slow_device = dataclasses.replace(  # a compute-starved CPU: verify costs grow with tokens
+        base, target=dataclasses.replace(base.target, bandwidth=4e9, flops_rate=8e10, overhead_s=0.02,
+                                         row_overhead_s=0.0),
+        draft=dataclasses.replace(base.draft, bandwidth=4e9, flops_rate=2e10, overhead_s=0.015, row_overhead_s=0.0),
+    )
+    truth = CostModel(slow_device, refine_rate=0.0)
+    measured = []
+    for batch in (1, 2, 4, 8, 16):
+        ctx = batch * 200
+        measured.append({"kind": "target", "batch": batch, "total_context": ctx, "gamma": 0,
+                         "seconds": truth.target_time(batch, ctx)})
+        measured.append({"kind": "draft", "batch": batch, "total_context": ctx, "gamma": 0,
+                         "seconds": truth.draft_time(batch, ctx)})
+        for gamma in (2, 6):
+            measured.append({"kind": "verify", "batch": batch, "total_context": ctx, "gamma": gamma,
+                             "seconds": truth.verify_time(batch, ctx, gamma)})
+    fitted = CostModel(fit_profile(measured, base, "fitted", "test"), refine_rate=0.0)
+    for batch, gamma in ((1, 4), (4, 8), (12, 3), (32, 4)):  # incl. points that were not measured
+        ctx = batch * 200
+        assert fitted.verify_time(batch, ctx, gamma) == pytest.approx(truth.verify_time(batch, ctx, gamma), rel=0.15)
+        assert fitted.draft_time(batch, ctx) == pytest.approx(truth.draft_time(batch, ctx), rel=0.15)
+    with pytest.raises(ValueError, match="at least 3 measured step times"):
+        fit_profile(measured[:2], base, "x", "y")

@@ -111,6 +111,52 @@ def save_profile(profile: CostProfile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
 
 
+def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, name: str, device: str) -> CostProfile:
+    """Fit bandwidth, FLOP rate and fixed overhead of the target and the draft StepCost to
+    measured step times, keeping ``base``'s byte and FLOP counts (what the model is) and
+    refitting what the device does.
+
+    ``measurements``: dicts with ``kind`` ("target", "draft" or "verify"), ``batch``,
+    ``total_context``, ``gamma`` (verify: gamma + 1 new tokens per row) and ``seconds``.
+    Target steps and verify forwards both fit the target's StepCost. A coarse log-space grid
+    search minimising the squared log error: a few hundred thousand cheap evaluations.
+    """
+    def points(kinds: tuple[str, ...]) -> list[tuple[int, int, int, float]]:
+        return [(m["batch"], m["total_context"], m["gamma"] + 1 if m["kind"] == "verify" else 1, m["seconds"])
+                for m in measurements if m["kind"] in kinds]
+
+    target = _fit_step_cost(base.target, points(("target", "verify")))
+    draft = _fit_step_cost(base.draft, points(("draft",)))
+    notes = f"fitted to {len(measurements)} measured step times on this device from {base.name}'s model counts"
+    return CostProfile(name=name, device=device, target=target, draft=draft, notes=notes)
+
+
+def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float]]) -> StepCost:
+    if len(points) < 3:
+        raise ValueError(f"fit_profile needs at least 3 measured step times per kind, got {len(points)}")
+
+    def make(overhead: float, memory: float, rate: float) -> StepCost:  # memory: seconds per weight pass
+        bandwidth = base.weight_bytes / memory if base.weight_bytes else base.bandwidth
+        return dataclasses.replace(base, bandwidth=bandwidth, flops_rate=rate, overhead_s=overhead, row_overhead_s=0.0)
+
+    def error(params: tuple[float, float, float]) -> float:
+        candidate = make(*params)
+        return sum(math.log(candidate.time(b, c, t) / s) ** 2 for b, c, t, s in points)
+
+    fastest = min(seconds for *_, seconds in points)
+    shares = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    coarse = [(fastest * o, fastest * m, 10 ** (r / 4)) for o in shares for m in shares[1:] + (0.95,)
+              for r in range(28, 56)]  # FLOP rate 10^7 .. 10^13.75
+    best = min(coarse, key=error)
+    for _ in range(4):  # refine each parameter in turn around the best grid point
+        for i in range(3):
+            tries = [best[:i] + (best[i] * 2 ** (k / 8),) + best[i + 1 :] for k in range(-4, 5)]
+            if best[i] == 0.0:
+                tries.append(best[:i] + (fastest * 0.02,) + best[i + 1 :])
+            best = min(tries + [best], key=error)
+    return make(*best)
+
+
 def expected_output_tokens(acceptance_per_position: Sequence[float], gamma: int) -> float:
     """E[accepted + 1] tokens per row from one draft of ``gamma`` tokens and its verify.
 
@@ -191,6 +237,12 @@ class CostModel:
         """(r, v) = (draft_time / target_time, verify_time / target_time)."""
         target = self.target_time(batch, total_context)
         return self.draft_time(batch, total_context) / target, self.verify_time(batch, total_context, gamma) / target
+
+    def calibrate(self, kind: str, batch: int, total_context: int, seconds: float, gamma: int = 0) -> None:
+        """Set the factor of (kind, batch bucket) so the prediction equals one measured time
+        (a start-up measurement on this device; ``observe`` then keeps refining it)."""
+        check_float("CostModel", "seconds", seconds, low=0.0, low_open=True)
+        self._log_factor[(kind, batch_bucket(batch))] = math.log(seconds / self._raw(kind, batch, total_context, gamma))
 
     def observe(self, kind: str, batch: int, total_context: int, seconds: float, gamma: int = 0) -> None:
         """Refine the factor of (kind, batch bucket) with one measured forward time.

@@ -47,6 +47,13 @@ class RolloutResult:
     steps: list[tuple[int, bool, int, float, int]] = field(default_factory=list)
     controller: dict[str, Any] = field(default_factory=dict)  # ControllerStats.to_dict()
     prefill_seconds: float = 0.0
+    # Draft tokens reached / accepted per draft position, summed over the rollout's steps.
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
 
 
 class RolloutEngine(Protocol):

@@ -16,6 +16,7 @@ Data path of one ``generate`` call (a rollout batch: prompts x samples):
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -190,6 +191,8 @@ class NativeEngine:
                     cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
                 )
                 drafted, accepted = per_position_counts(num_accepted.tolist(), num_draft.tolist())
+                _add_into(result.drafted_per_position, drafted)
+                _add_into(result.accepted_per_position, accepted)
                 obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
                                       draft_seconds=draft_s, verify_seconds=verify_s)
             else:
@@ -213,6 +216,39 @@ class NativeEngine:
             active = active[torch.tensor(keep, dtype=torch.long, device=device)] if len(keep) < len(active) else active
             step += 1
         return generated, reasons
+
+    @torch.inference_mode()
+    def measure_step_costs(
+        self, batch_sizes: Sequence[int], context: int, gammas: Sequence[int] = (2, 6), repeats: int = 3
+    ) -> list[dict]:
+        """Median seconds of a target step, a drafter step and a verify of gamma + 1 tokens per
+        row (each gamma), at each batch size, every row at ``context`` tokens (the KV content
+        does not matter). The records are what ``controller.fit_profile`` takes."""
+        measurements = []
+        device = self.engine_config.device
+        for batch in batch_sizes:
+            cache = self._kv_cache(batch, context + max(gammas) + 2)
+            slots = torch.arange(batch, device=device)
+
+            def inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+                return ids, context + torch.arange(tokens, device=device).expand(batch, -1)
+
+            runs = [("target", 0, self.target, *inputs(1))]
+            runs += [("verify", gamma, self.target, *inputs(gamma + 1)) for gamma in gammas]
+            if self.drafter is not None:
+                runs.append(("draft", 0, self.drafter.module, *inputs(1)))
+            times: dict[tuple[str, int], list[float]] = {(kind, gamma): [] for kind, gamma, *_ in runs}
+            for i in range(repeats + 1):  # interleaved; the first round warms up
+                for kind, gamma, model, tokens, positions in runs:
+                    start = time.perf_counter()
+                    model(tokens, positions, cache, slots)
+                    if i:
+                        times[kind, gamma].append(time.perf_counter() - start)
+            for (kind, gamma), values in times.items():
+                measurements.append({"kind": kind, "batch": batch, "total_context": batch * context,
+                                     "gamma": gamma, "seconds": statistics.median(values)})
+        return measurements
 
     def _finish_reason(self, tokens: list[int], max_new_tokens: int) -> str | None:
         """Truncate ``tokens`` in place at the first EOS or the budget; say why it finished."""
@@ -271,3 +307,9 @@ class NativeEngine:
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
         return output, num_accepted, verify_start - draft_start, time.perf_counter() - verify_start
+
+
+def _add_into(totals: list[int], values: Sequence[int]) -> None:
+    totals.extend([0] * (len(values) - len(totals)))
+    for i, value in enumerate(values):
+        totals[i] += value

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from verl_efficientrollout.bench import BenchConfig, format_bench, oracle_bound, run_bench
+from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"modes": ("sd-always",)}, "must include 'ar'"),
+        ({"modes": ("ar", "fast")}, r"BenchConfig.modes must be a non-empty selection of ar, sd-always"),
+        ({"drafter": "int2"}, "drafter recipe must be one of"),
+        ({"prompts": 0}, r"BenchConfig.prompts must be"),
+        ({"repeats": 0}, r"BenchConfig.repeats must be"),
+        ({"perturbations": (0.0,)}, r"BenchConfig.perturbations must be"),
+    ],
+)
+def test_bad_bench_settings_fail_before_any_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**kwargs)
+
+
+def _flat_costs(target: float, draft: float, verify_per_token: float) -> CostModel:
+    """Costs independent of batch and context: verify of g+1 tokens = (g+1) * verify_per_token."""
+    def cost(seconds_per_token: float, overhead: float) -> StepCost:
+        return StepCost(weight_bytes=0, kv_bytes_per_token=0, flops_per_token=seconds_per_token,
+                        attn_flops_per_context_token=0, bandwidth=1, flops_rate=1, overhead_s=overhead)
+
+    profile = CostProfile("flat", "test", target=cost(verify_per_token, target - verify_per_token),
+                          draft=cost(1e-9, draft))
+    return CostModel(profile, refine_rate=0.0)
+
+
+def test_oracle_bound_is_one_when_speculation_cannot_pay_and_below_one_when_it_can():
+    expensive = _flat_costs(target=1.0, draft=1.0, verify_per_token=0.9)  # drafting costs a full step
+    assert oracle_bound([10], [100], 0.99, expensive) == pytest.approx(1.0)
+    cheap = _flat_costs(target=1.0, draft=0.1, verify_per_token=0.01)
+    assert oracle_bound([10], [100], 0.95, cheap) < 0.5
+
+
+@pytest.mark.model
+def test_bench_runs_every_mode_side_by_side_and_writes_json_and_png(tmp_path):
+    config = BenchConfig(prompts=1, samples=2, max_new_tokens=8, repeats=1, perturbations=(0.25,))
+    report = run_bench(config, tmp_path)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved["modes"]) == {"ar", "sd-always", "threshold", "paper", "efficient"}
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert report["modes"]["ar"]["ratio_vs_ar"] == 1.0
+    assert report["modes"]["ar"]["runs"][0]["speculated_share"] == 0.0
+    assert report["modes"]["sd-always"]["runs"][0]["speculated_share"] == 1.0
+    for mode in report["modes"].values():
+        assert [len(run["response_lengths"]) for run in mode["runs"]] == [2]
+    assert 0.0 < report["oracle_bound"] <= 1.0
+    (update,) = report["stale_vs_rebuilt"]
+    assert 0.0 <= update["stale_drafter"] <= 1.0 and 0.0 <= update["rebuilt_drafter"] <= 1.0
+    assert "oracle bound" in format_bench(report)

@@ -1,0 +1,354 @@
+"""``efficient-rollout bench``: rollout latency of each speculation policy against plain decoding.
+
+One process, one engine, one workload (a GRPO-like batch: bundled math problems x samples,
+temperature 1, real EOS, a token cap some rows hit). The modes run interleaved, repeat after
+repeat, each with its own controller that carries what it learned from repeat to repeat (like
+successive RL steps):
+
+* ``ar``: plain decoding, the baseline (the same lean engine, same dtype, same everything);
+* ``sd-always``: speculate every step with a fixed gamma;
+* ``threshold``: speculate iff the active batch <= N (vLLM's batch-size table), fixed gamma;
+* ``paper``: the paper's monotone per-rollout toggle + the {5,7,9,11} ladder;
+* ``efficient``: ours, roofline toggle with hysteresis + goodput-optimal gamma every step.
+
+Every controller's cost model is calibrated on this device at start-up: step costs measured per
+batch size and draft length, a roofline profile fitted to them (``controller.fit_profile``),
+then refined online. Next to each ratio the report gives the oracle bound computed
+from the same run: the simulator replays the measured response lengths with an oracle that takes,
+every step, the better of plain decoding and the best gamma at the measured acceptance.
+A second scenario perturbs the target (a small policy update) and compares the acceptance of the
+stale drafter with the rebuilt one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from verl_efficientrollout._validate import check_float, check_int
+from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout.controller import (
+    Controller, ControllerConfig, CostModel, CostProfile, Trace, fit_profile, load_profile, simulate, simulate_ar,
+)
+from verl_efficientrollout.data import chat_prompt_ids, math_problems
+from verl_efficientrollout.engine.base import Request, RolloutResult
+from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig
+
+MODES = ("ar", "sd-always", "threshold", "paper", "efficient")
+CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "default"
+    dtype: str = "float32"
+    drafter: str = "int4-g32"
+    prompts: int = 4
+    samples: int = 4
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    repeats: int = 2
+    modes: tuple[str, ...] = MODES
+    gamma: int = 4  # sd-always and threshold
+    threshold_batch_size: int = 4
+    # Scenario 2: policy updates as weight noise relative to each decoder linear's std.
+    perturbations: tuple[float, ...] = (0.05, 0.25)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        DrafterConfig.from_name(self.drafter)
+        check_int("BenchConfig", "prompts", self.prompts, low=1, high=len(math_problems()))
+        check_int("BenchConfig", "samples", self.samples, low=1)
+        check_int("BenchConfig", "max_new_tokens", self.max_new_tokens, low=1)
+        check_float("BenchConfig", "temperature", self.temperature, low=0.0)
+        check_int("BenchConfig", "repeats", self.repeats, low=1)
+        check_int("BenchConfig", "gamma", self.gamma, low=1)
+        check_int("BenchConfig", "threshold_batch_size", self.threshold_batch_size, low=0)
+        for p in self.perturbations:
+            check_float("BenchConfig", "perturbations", p, low=0.0, low_open=True)
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"BenchConfig.modes must be a non-empty selection of {', '.join(MODES)}, got {self.modes!r}")
+        if "ar" not in self.modes:
+            raise ValueError("BenchConfig.modes must include 'ar': every ratio is against it")
+
+
+def mode_config(mode: str, config: BenchConfig) -> ControllerConfig:
+    if mode == "threshold":
+        return ControllerConfig(toggle="threshold", draft_length="fixed", gamma=config.gamma,
+                                threshold_batch_size=config.threshold_batch_size)
+    if mode == "paper":  # the paper waits for > 32 requests, sized for 128 x 8: scaled away here
+        return ControllerConfig.preset("paper", paper_min_requests=0)
+    if mode == "sd-always":
+        return ControllerConfig.preset("sd-always", gamma=config.gamma)
+    return ControllerConfig.preset(mode)
+
+
+def calibrated_cost_model(profile: CostProfile, refine_rate: float, measurements: list[dict]) -> CostModel:
+    """``profile`` (fitted on this device) with exact factors at the measured batch buckets for the
+    one-token steps; verify forwards of other lengths follow the fitted roofline."""
+    cost_model = CostModel(profile, refine_rate)
+    for m in measurements:
+        if m["kind"] != "verify":
+            cost_model.calibrate(m["kind"], m["batch"], m["total_context"], m["seconds"])
+    return cost_model
+
+
+def run_summary(result: RolloutResult) -> dict:
+    steps = result.steps
+    speculated = [s for s in steps if s[1]]
+    drafted, accepted = result.drafted_per_position, result.accepted_per_position
+    draft_rows = drafted[0] if drafted else 0
+    histogram: dict[int, int] = {}
+    for _, _, gamma, _, _ in steps:
+        histogram[gamma] = histogram.get(gamma, 0) + 1
+    return {
+        "seconds": result.seconds,
+        "prefill_seconds": result.prefill_seconds,
+        "tokens": result.generated_tokens,
+        "tokens_per_second": result.generated_tokens / result.seconds,
+        "steps": len(steps),
+        "speculated_share": len(speculated) / len(steps) if steps else 0.0,
+        "token_acceptance": sum(accepted) / sum(drafted) if sum(drafted) else None,
+        "acceptance_per_position": [a / d if d else None for a, d in zip(accepted, drafted)],
+        "mean_acceptance_length": (sum(accepted) + draft_rows) / draft_rows if draft_rows else None,
+        "gamma_histogram": dict(sorted(histogram.items())),
+        "response_lengths": [len(o.token_ids) for o in result.outputs],
+        "trace": [(batch, bool(spec), gamma, seconds) for batch, spec, gamma, seconds, _ in steps],
+    }
+
+
+def oracle_bound(prompt_lengths, response_lengths, acceptance: float, cost_model: CostModel) -> float:
+    """Rollout time ratio SD/AR if every step took the better of AR and the best gamma."""
+    oracle = Controller(
+        ControllerConfig.preset("efficient", margin=1.0, off_margin=1.0, min_dwell_steps=0, gamma_max=8,
+                                prior_acceptance=min(max(acceptance, 1e-3), 1 - 1e-3), prior_weight=1e12,
+                                refine_rate=0.0),
+        cost_model,
+    )
+    trace = Trace(tuple(prompt_lengths), tuple(response_lengths), (acceptance,))
+    return simulate(trace, oracle, cost_model).total_seconds / simulate_ar(trace, cost_model).total_seconds
+
+
+def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
+    started = time.perf_counter()
+    engine = NativeEngine.load(
+        config.model, EfficientRolloutConfig(drafter=DrafterConfig.from_name(config.drafter)),
+        NativeEngineConfig(dtype=config.dtype),
+    )
+    if engine.drafter is None:
+        raise RuntimeError("no drafter could be built: nothing to benchmark (see the warning above)")
+    params = SamplingParams(temperature=config.temperature)
+    prompts = [tuple(chat_prompt_ids(engine.tokenizer, p)) for p in math_problems()[: config.prompts]]
+    requests = [Request(p, config.max_new_tokens, params, f"{i}-{s}") for i, p in enumerate(prompts)
+                for s in range(config.samples)]
+    rows = len(requests)
+    context = statistics.mean(len(p) for p in prompts) + config.max_new_tokens // 4
+    calibration = engine.measure_step_costs([b for b in CALIBRATION_BATCHES if b <= max(rows, 4)], int(context))
+    device = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    profile = fit_profile(calibration, load_profile(ControllerConfig().profile), "measured", device)
+    controllers = {}
+    for mode in config.modes:
+        controller_config = mode_config(mode, config)
+        cost_model = calibrated_cost_model(profile, controller_config.refine_rate, calibration)
+        controllers[mode] = Controller(controller_config, cost_model)
+
+    runs: dict[str, list[dict]] = {mode: [] for mode in config.modes}
+    order = list(config.modes)
+    with tqdm(total=config.repeats * len(order), desc="rollouts") as progress:
+        for repeat in range(config.repeats):
+            for mode in order[repeat % len(order):] + order[: repeat % len(order)]:  # rotate the order
+                progress.set_postfix_str(f"repeat {repeat}, {mode}")
+                result = engine.generate(requests, seed=config.seed + repeat, controller=controllers[mode])
+                runs[mode].append(run_summary(result))
+                progress.update()
+
+    ar_seconds = [r["seconds"] for r in runs["ar"]]
+    prompt_lengths = [len(r.prompt_ids) for r in requests]
+    true_costs = calibrated_cost_model(profile, 0.0, calibration)
+    def bound(acceptance: float) -> float:  # median over the AR repeats' measured lengths
+        return statistics.median(
+            oracle_bound(prompt_lengths, r["response_lengths"], acceptance, true_costs) for r in runs["ar"]
+        )
+
+    modes = {}
+    for mode, mode_runs in runs.items():
+        seconds = [r["seconds"] for r in mode_runs]
+        ratios = [s / a for s, a in zip(seconds, ar_seconds)]
+        acceptance = [r["token_acceptance"] for r in mode_runs if r["token_acceptance"] is not None]
+        modes[mode] = {
+            "seconds": seconds,
+            "ratio_vs_ar": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in mode_runs),
+            "token_acceptance": statistics.mean(acceptance) if acceptance else None,
+            "oracle_bound": bound(statistics.mean(acceptance)) if acceptance else None,
+            "runs": mode_runs,
+        }
+    measured_acceptance = [m["token_acceptance"] for m in modes.values() if m["token_acceptance"]]
+    acceptance_for_bound = max(measured_acceptance) if measured_acceptance else 0.0
+    report = {
+        "config": asdict(config),
+        "drafter_recipe": engine.config.drafter.name,
+        "drafter": asdict(engine.drafter.report),
+        "environment": {
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+        },
+        "rows": rows,
+        "calibration": calibration,
+        "fitted_profile": profile.to_dict(),
+        "oracle_bound": bound(acceptance_for_bound) if acceptance_for_bound else 1.0,
+        "modes": modes,
+        "stale_vs_rebuilt": stale_vs_rebuilt(engine, requests[: min(8, rows)], config),
+        "seconds_total": time.perf_counter() - started,
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+        plot_bench(report, out_dir / "bench.png")
+    return report
+
+
+def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: BenchConfig) -> list[dict]:
+    """Scenario 2: a policy update; acceptance of the stale drafter vs the rebuilt one.
+
+    Each perturbation starts from the original weights, which are restored at the end."""
+    short = [Request(r.prompt_ids, min(64, r.max_new_tokens), r.sampling, r.request_id) for r in requests]
+
+    def acceptance() -> float:
+        controller = Controller(ControllerConfig.preset("sd-always", gamma=config.gamma))
+        engine.generate(short, seed=config.seed, controller=controller)
+        return controller.stats.token_acceptance
+
+    original = {name: tensor.clone() for name, tensor in _hf_state(engine).items()}
+    results = []
+    for perturbation in config.perturbations:
+        generator = torch.Generator().manual_seed(config.seed + 1000)
+        before = acceptance()
+        state = {}
+        for name, tensor in original.items():
+            if tensor.dim() == 2 and "embed" not in name:  # decoder linears: the policy update
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype)
+                tensor = tensor + perturbation * tensor.float().std().to(tensor.dtype) * noise
+            state[name] = tensor
+        stale = engine.drafter
+        engine.update_weights(state.items())
+        rebuilt = engine.drafter
+        engine.drafter = stale
+        stale_acceptance = acceptance()
+        engine.drafter = rebuilt
+        results.append({
+            "perturbation": perturbation,
+            "acceptance_before_update": before,
+            "stale_drafter": stale_acceptance,
+            "rebuilt_drafter": acceptance(),
+            "rebuild_seconds": rebuilt.report.build_seconds,
+        })
+        engine.update_weights(original.items())
+    return results
+
+
+def _hf_state(engine: NativeEngine) -> dict[str, torch.Tensor]:
+    """The target's current weights under Hugging Face names (what veRL would send)."""
+    model, state = engine.target, {}
+    a = model.args
+    state["model.embed_tokens.weight"] = model.embed_tokens.weight
+    state["model.norm.weight"] = model.norm.weight
+    if not a.tie_word_embeddings:
+        state["lm_head.weight"] = model.lm_head.weight
+    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.wqkv.weight.split([q, kv, kv])
+        state.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
+                      p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.wo.weight})
+        if a.qkv_bias:
+            bq, bk, bv = layer.wqkv.bias.split([q, kv, kv])
+            state.update({p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk,
+                          p + "self_attn.v_proj.bias": bv})
+        gate, up = layer.w13.weight.chunk(2)
+        state.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                      p + "mlp.down_proj.weight": layer.w2.weight,
+                      p + "input_layernorm.weight": layer.attn_norm.weight,
+                      p + "post_attention_layernorm.weight": layer.mlp_norm.weight})
+    return state
+
+
+def format_bench(report: dict) -> str:
+    c, env = report["config"], report["environment"]
+    lines = [
+        f"workload: {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, temperature "
+        f"{c['temperature']}, up to {c['max_new_tokens']} new tokens, {c['dtype']}, drafter {report['drafter_recipe']}; "
+        f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_capability']}",
+        "",
+        "| mode | rollout s (per repeat) | ratio vs ar (min-max) | oracle bound | tokens/s | acceptance | "
+        "mean accepted length | speculated steps | gamma histogram |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, m in report["modes"].items():
+        last = m["runs"][-1]
+        acc = "-" if m["token_acceptance"] is None else f"{m['token_acceptance']:.3f}"
+        mal = last["mean_acceptance_length"]
+        bound = "-" if m["oracle_bound"] is None else f"{m['oracle_bound']:.3f}"
+        lines.append(
+            f"| {mode} | {', '.join(f'{s:.1f}' for s in m['seconds'])} | {m['ratio_vs_ar']:.3f} "
+            f"({m['ratio_min']:.3f}-{m['ratio_max']:.3f}) | {bound} | {m['tokens_per_second']:.1f} | {acc} | "
+            f"{'-' if mal is None else f'{mal:.2f}'} | {last['speculated_share']:.0%} | {last['gamma_histogram']} |"
+        )
+    lines += ["", f"oracle bound at the best measured acceptance: {report['oracle_bound']:.3f}",
+              f"drafter build {report['drafter']['build_seconds']:.2f} s", ""]
+    lines += ["| policy update (noise x std, decoder linears) | acceptance before | stale drafter | rebuilt drafter "
+              "| rebuild s |", "| --- | --- | --- | --- | --- |"]
+    for s in report["stale_vs_rebuilt"]:
+        lines.append(f"| {s['perturbation']} | {s['acceptance_before_update']:.3f} | {s['stale_drafter']:.3f} | "
+                     f"{s['rebuilt_drafter']:.3f} | {s['rebuild_seconds']:.2f} |")
+    lines += [
+        "",
+        "calibration (ms; verify with gamma+1 tokens per row): " + ", ".join(
+            f"{m['kind']}{m['gamma'] or ''}@{m['batch']}={1e3 * m['seconds']:.0f}" for m in report["calibration"]),
+    ]
+    return "\n".join(lines)
+
+
+def plot_bench(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = report["modes"]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [2, 2, 1.4]})
+    batch_ax, gamma_ax, ratio_ax = axes
+    for mode, m in modes.items():
+        trace = m["runs"][-1]["trace"]
+        batch_ax.step(range(len(trace)), [t[0] for t in trace], where="post", label=mode)
+        if mode != "ar":
+            gamma_ax.step(range(len(trace)), [t[2] for t in trace], where="post", label=mode, alpha=0.8)
+    batch_ax.set_ylabel("active batch")
+    batch_ax.set_title("last repeat of each mode: active batch, and gamma (0 = plain step), per decode step")
+    batch_ax.legend(fontsize=8)
+    gamma_ax.set_ylabel("gamma")
+    gamma_ax.set_xlabel("decode step")
+    gamma_ax.legend(fontsize=8)
+    names = list(modes)
+    ratios = [modes[n]["ratio_vs_ar"] for n in names]
+    errors = [[r - modes[n]["ratio_min"] for n, r in zip(names, ratios)],
+              [modes[n]["ratio_max"] - r for n, r in zip(names, ratios)]]
+    bars = ratio_ax.bar(names, ratios, yerr=errors, capsize=4, color="tab:blue")
+    ratio_ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ratio_ax.axhline(1.0, color="black", linewidth=0.6)
+    ratio_ax.axhline(report["oracle_bound"], color="tab:green", linestyle="--", linewidth=1,
+                     label=f"oracle bound {report['oracle_bound']:.3f}")
+    ratio_ax.set_ylabel("rollout time / ar")
+    ratio_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
