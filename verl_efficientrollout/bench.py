@@ -327,11 +327,12 @@ def plot_bench(report: dict, path: Path) -> None:
     modes = report["modes"]
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [2, 2, 1.4]})
     batch_ax, gamma_ax, ratio_ax = axes
-    for mode, m in modes.items():
-        trace = m["runs"][-1]["trace"]
-        batch_ax.step(range(len(trace)), [t[0] for t in trace], where="post", label=mode)
+    for i, (mode, m) in enumerate(modes.items()):
+        trace, color = m["runs"][-1]["trace"], f"C{i}"
+        width = 3.0 if mode == "ar" else 1.5  # ar underneath: modes that never speculate overlay it
+        batch_ax.step(range(len(trace)), [t[0] for t in trace], where="post", label=mode, color=color, lw=width)
         if mode != "ar":
-            gamma_ax.step(range(len(trace)), [t[2] for t in trace], where="post", label=mode, alpha=0.8)
+            gamma_ax.step(range(len(trace)), [t[2] for t in trace], where="post", label=mode, color=color, alpha=0.8)
     batch_ax.set_ylabel("active batch")
     batch_ax.set_title("last repeat of each mode: active batch, and gamma (0 = plain step), per decode step")
     batch_ax.legend(fontsize=8)
