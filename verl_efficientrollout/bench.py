@@ -228,7 +228,7 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
         engine.generate(short, seed=config.seed, controller=controller)
         return controller.stats.token_acceptance
 
-    original = {name: tensor.clone() for name, tensor in _hf_state(engine).items()}
+    original = {name: tensor.clone() for name, tensor in engine.target.hf_state_dict().items()}
     results = []
     for perturbation in config.perturbations:
         generator = torch.Generator().manual_seed(config.seed + 1000)
@@ -254,32 +254,6 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
         })
         engine.update_weights(original.items())
     return results
-
-
-def _hf_state(engine: NativeEngine) -> dict[str, torch.Tensor]:
-    """The target's current weights under Hugging Face names (what veRL would send)."""
-    model, state = engine.target, {}
-    a = model.args
-    state["model.embed_tokens.weight"] = model.embed_tokens.weight
-    state["model.norm.weight"] = model.norm.weight
-    if not a.tie_word_embeddings:
-        state["lm_head.weight"] = model.lm_head.weight
-    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        wq, wk, wv = layer.wqkv.weight.split([q, kv, kv])
-        state.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                      p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.wo.weight})
-        if a.qkv_bias:
-            bq, bk, bv = layer.wqkv.bias.split([q, kv, kv])
-            state.update({p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk,
-                          p + "self_attn.v_proj.bias": bv})
-        gate, up = layer.w13.weight.chunk(2)
-        state.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                      p + "mlp.down_proj.weight": layer.w2.weight,
-                      p + "input_layernorm.weight": layer.attn_norm.weight,
-                      p + "post_attention_layernorm.weight": layer.mlp_norm.weight})
-    return state
 
 
 def format_bench(report: dict) -> str:

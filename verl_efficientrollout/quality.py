@@ -193,14 +193,13 @@ def run_quality(config: QualityConfig, out_dir: Path | None = None) -> dict:
     for temperature, groups in samples.items():
         sums = [[0.0, 0, 0] for _ in drafters]  # accepted mass, greedy agreements, tokens
         for prompt, responses, sampled_logits in tqdm(groups, desc=f"scoring drafters, T={temperature}", leave=False):
-            draft_logits, mask = response_logits(drafters[0].module, prompt, responses, eos_id)
-            target_logits = sampled_logits[:, : mask.shape[1]]  # [n, len, vocab], from the sampling pass
+            longest = max(len(r) for r in responses)
+            target_logits = sampled_logits[:, :longest]  # [n, len, vocab], from the sampling pass
             params = sampling_tensors([SamplingParams(temperature=temperature)] * len(responses))
             target_probs = logits_to_probs(target_logits, *params)  # [n, len, vocab]
             target_argmax = target_logits.argmax(-1)
-            for i, (drafter, acc) in enumerate(zip(drafters, sums)):
-                if i:
-                    draft_logits, _ = response_logits(drafter.module, prompt, responses, eos_id)
+            for drafter, acc in zip(drafters, sums):
+                draft_logits, mask = response_logits(drafter.module, prompt, responses, eos_id)
                 tv = 0.5 * (target_probs - logits_to_probs(draft_logits, *params)).abs().sum(-1)  # [n, len]
                 acc[0] += float((1 - tv)[mask].sum())
                 acc[1] += int((target_argmax == draft_logits.argmax(-1))[mask].sum())

@@ -107,9 +107,9 @@ class Block(nn.Module):
         qkv = self.wqkv(self.attn_norm(x)).view(batch, tokens, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
         q, k, v = qkv.transpose(1, 2).split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        index = (slots[:, None], slice(None), positions)  # [batch, tokens] -> writes [batch, tokens, kv, dim]
-        cache.k[self.layer][index[0], :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-        cache.v[self.layer][index[0], :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+        rows = slots[:, None]  # with positions [batch, tokens]: writes [batch, tokens, kv, dim]
+        cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[self.layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
         keys = mask.shape[-1]
         k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)  # [batch, kv, keys, dim]
         v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
@@ -135,8 +135,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", _inv_freq(args), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,10 +192,32 @@ class DecoderLM(nn.Module):
             setattr(module, leaf, nn.Parameter(own[name].to(device=device, dtype=dtype), requires_grad=False))
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.inv_freq = (
-            1.0 / self.args.rope_theta ** (torch.arange(0, self.args.head_dim, 2, dtype=torch.float32, device=device)
-                                           / self.args.head_dim)
-        )
+        self.inv_freq = _inv_freq(self.args, device)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under Hugging Face names (views, unfused): the inverse of ``load_hf_state_dict``."""
+        a, state = self.args, {"model.embed_tokens.weight": self.embed_tokens.weight, "model.norm.weight": self.norm.weight}
+        if not a.tie_word_embeddings:
+            state["lm_head.weight"] = self.lm_head.weight
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            for name, tensor in zip("qkv", layer.wqkv.weight.split([q, kv, kv])):
+                state[p + f"self_attn.{name}_proj.weight"] = tensor
+            if a.qkv_bias:
+                for name, tensor in zip("qkv", layer.wqkv.bias.split([q, kv, kv])):
+                    state[p + f"self_attn.{name}_proj.bias"] = tensor
+            gate, up = layer.w13.weight.chunk(2)
+            state.update({p + "self_attn.o_proj.weight": layer.wo.weight, p + "mlp.gate_proj.weight": gate,
+                          p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": layer.w2.weight,
+                          p + "input_layernorm.weight": layer.attn_norm.weight,
+                          p + "post_attention_layernorm.weight": layer.mlp_norm.weight})
+        return state
+
+
+def _inv_freq(args: ModelArgs, device=None) -> torch.Tensor:  # [head_dim / 2] rotary frequencies
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=device) / args.head_dim
+    return 1.0 / args.rope_theta**exponents
 
 
 def _fuse_hf_state_dict(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

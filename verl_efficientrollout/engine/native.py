@@ -170,9 +170,8 @@ class NativeEngine:
         result.prefill_seconds = time.perf_counter() - prefill_start
         last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
         generated: list[list[int]] = [[int(t)] for t in last]
-        reasons: list[str | None] = [None] * n
-        for row in range(n):
-            reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens)
+        produced = torch.ones(n, dtype=torch.long, device=device)  # tokens generated per row so far
+        reasons = [self._finish_reason(generated[row], requests[row].max_new_tokens, 0) for row in range(n)]
         active = torch.tensor([row for row in range(n) if reasons[row] is None], dtype=torch.long, device=device)
 
         controller.begin_rollout()
@@ -185,8 +184,7 @@ class NativeEngine:
             step_start = time.perf_counter()
             params = (temperature[active], top_k[active], top_p[active])
             if decision.speculate:
-                remaining = budget[active] - torch.tensor([len(generated[r]) for r in active.tolist()], device=device)
-                num_draft = (remaining - 1).clamp(min=0, max=decision.gamma)
+                num_draft = (budget[active] - produced[active] - 1).clamp(min=0, max=decision.gamma)
                 new_tokens, num_accepted, draft_s, verify_s = self._speculative_step(
                     cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
                 )
@@ -204,11 +202,14 @@ class NativeEngine:
             controller.observe(obs)
             # Commit: the previous last token and the accepted drafts are now in the KV cache.
             lengths[active] += num_accepted + 1
+            produced[active] += num_accepted + 1
             last[active] = new_tokens[torch.arange(len(active)), num_accepted]
             keep = []
-            for i, row in enumerate(active.tolist()):
-                generated[row].extend(new_tokens[i, : int(num_accepted[i]) + 1].tolist())
-                reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens)
+            rows = zip(active.tolist(), num_accepted.tolist(), new_tokens.tolist())
+            for i, (row, accepted, row_tokens) in enumerate(rows):
+                start = len(generated[row])
+                generated[row].extend(row_tokens[: accepted + 1])
+                reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens, start)
                 if reasons[row] is None:
                     keep.append(i)
             result.steps.append((len(active), decision.speculate, decision.gamma, time.perf_counter() - step_start,
@@ -250,10 +251,12 @@ class NativeEngine:
                                      "gamma": gamma, "seconds": statistics.median(values)})
         return measurements
 
-    def _finish_reason(self, tokens: list[int], max_new_tokens: int) -> str | None:
-        """Truncate ``tokens`` in place at the first EOS or the budget; say why it finished."""
-        for i, token in enumerate(tokens[:max_new_tokens]):
-            if token in self.eos_token_ids:
+    def _finish_reason(self, tokens: list[int], max_new_tokens: int, start: int) -> str | None:
+        """Truncate ``tokens`` in place at the first EOS or the budget; say why it finished.
+
+        Only ``tokens[start:]`` are new since the last check (earlier ones held no EOS)."""
+        for i in range(start, min(len(tokens), max_new_tokens)):
+            if tokens[i] in self.eos_token_ids:
                 del tokens[i + 1 :]
                 return "stop"
         if len(tokens) >= max_new_tokens:
