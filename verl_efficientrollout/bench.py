@@ -101,26 +101,10 @@ def calibrated_cost_model(profile: CostProfile, refine_rate: float, measurements
 
 
 def run_summary(result: RolloutResult) -> dict:
-    steps = result.steps
-    speculated = [s for s in steps if s[1]]
-    drafted, accepted = result.drafted_per_position, result.accepted_per_position
-    draft_rows = drafted[0] if drafted else 0
-    histogram: dict[int, int] = {}
-    for _, _, gamma, _, _ in steps:
-        histogram[gamma] = histogram.get(gamma, 0) + 1
     return {
-        "seconds": result.seconds,
-        "prefill_seconds": result.prefill_seconds,
-        "tokens": result.generated_tokens,
-        "tokens_per_second": result.generated_tokens / result.seconds,
-        "steps": len(steps),
-        "speculated_share": len(speculated) / len(steps) if steps else 0.0,
-        "token_acceptance": sum(accepted) / sum(drafted) if sum(drafted) else None,
-        "acceptance_per_position": [a / d if d else None for a, d in zip(accepted, drafted)],
-        "mean_acceptance_length": (sum(accepted) + draft_rows) / draft_rows if draft_rows else None,
-        "gamma_histogram": dict(sorted(histogram.items())),
+        **result.summary(),
         "response_lengths": [len(o.token_ids) for o in result.outputs],
-        "trace": [(batch, bool(spec), gamma, seconds) for batch, spec, gamma, seconds, _ in steps],
+        "trace": [(batch, bool(spec), gamma, seconds) for batch, spec, gamma, seconds, _ in result.steps],
     }
 
 

@@ -81,6 +81,23 @@ class DrafterConfig:
 
 
 ENGINES = ("native",)  # "vllm" and "sglang" join as their backends land
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class NativeEngineConfig:
+    """The native engine's own settings. ``device='auto'`` picks CUDA when torch sees a GPU."""
+
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    max_model_len: int = 2048  # prompt + new tokens per request
+
+    def __post_init__(self) -> None:
+        check_choice("NativeEngineConfig", "dtype", self.dtype, DTYPES)
+        check_int("NativeEngineConfig", "max_model_len", self.max_model_len, low=2)
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ValueError(f"NativeEngineConfig.device must be one of auto, cpu, cuda, cuda:N, got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -92,10 +109,12 @@ class EfficientRolloutConfig:
         engine: native
         drafter: {recipe: int4, group_size: 32}
         controller: {preset: efficient, gamma_max: 6}   # a preset plus field overrides
+        native: {dtype: bfloat16, device: auto}          # the native engine's settings
     """
 
     engine: str = "native"
     drafter: DrafterConfig = DrafterConfig()
+    native: NativeEngineConfig = NativeEngineConfig()
     controller: "ControllerConfig" = None  # type: ignore[assignment]  # filled in __post_init__
 
     def __post_init__(self) -> None:
@@ -106,6 +125,8 @@ class EfficientRolloutConfig:
             object.__setattr__(self, "controller", ControllerConfig())
         if not isinstance(self.drafter, DrafterConfig):
             raise ValueError(f"EfficientRolloutConfig.drafter must be a DrafterConfig, got {type(self.drafter).__name__}")
+        if not isinstance(self.native, NativeEngineConfig):
+            raise ValueError(f"EfficientRolloutConfig.native must be a NativeEngineConfig, got {type(self.native).__name__}")
         if not isinstance(self.controller, ControllerConfig):
             raise ValueError(
                 f"EfficientRolloutConfig.controller must be a ControllerConfig, got {type(self.controller).__name__}"
@@ -116,21 +137,29 @@ class EfficientRolloutConfig:
         from verl_efficientrollout.controller import ControllerConfig
 
         d = dict(d or {})
-        allowed = ("engine", "drafter", "controller")
+        allowed = ("engine", "drafter", "controller", "native")
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"EfficientRolloutConfig got unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
         drafter = d.get("drafter") or {}
-        drafter_fields = {f.name for f in fields(DrafterConfig)}
-        if set(drafter) - drafter_fields:
-            raise ValueError(
-                f"DrafterConfig got unknown keys {sorted(set(drafter) - drafter_fields)}; "
-                f"allowed keys: {', '.join(sorted(drafter_fields))}"
-            )
+        if isinstance(drafter, str):  # the short name, e.g. "int4-g32"
+            drafter = DrafterConfig.from_name(drafter)
+        else:
+            drafter = DrafterConfig(**_known_keys(DrafterConfig, drafter))
         controller = dict(d.get("controller") or {})
         preset = controller.pop("preset", None)
         return cls(
             engine=d.get("engine", "native"),
-            drafter=DrafterConfig(**drafter),
+            drafter=drafter,
+            native=NativeEngineConfig(**_known_keys(NativeEngineConfig, d.get("native") or {})),
             controller=ControllerConfig.preset(preset, **controller) if preset else ControllerConfig.from_dict(controller),
         )
+
+
+def _known_keys(cls, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """``mapping`` as keyword arguments of dataclass ``cls``; unknown keys are an error naming them."""
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise ValueError(f"{cls.__name__} got unknown keys {unknown}; allowed keys: {', '.join(sorted(allowed))}")
+    return dict(mapping)

@@ -79,3 +79,16 @@ def sample(
     noise.exponential_(generator=generator)
     scores = torch.where(probs > 0, probs / noise, -1.0)
     return scores.argmax(dim=-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [batch, ..., vocab] float32
+    temperature: torch.Tensor,  # [batch] float32; 0 = greedy, scored at temperature 1
+    tokens: torch.Tensor,  # [batch, ...] int64, the tokens to score (negative ids score 0)
+) -> torch.Tensor:  # [batch, ...] float32
+    """Log-prob of each token under the target at the request's temperature (no top-k/top-p),
+    the quantity the trainer recomputes as the rollout policy's log-prob."""
+    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scale = scale.view(-1, *([1] * (logits.dim() - 1)))
+    logprobs = torch.log_softmax(logits / scale, dim=-1)
+    return logprobs.gather(-1, tokens.clamp(min=0)[..., None])[..., 0]

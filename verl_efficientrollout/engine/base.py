@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from verl_efficientrollout._validate import check_int
 from verl_efficientrollout.config import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "error")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""
+    logprobs: bool = False  # also return each generated token's log-prob under the target
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
@@ -35,8 +36,13 @@ class Request:
 class RequestOutput:
     request_id: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens) or "error"
+    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens), "abort" or "error"
     error: str | None = None
+    log_probs: list[float] | None = None  # when the request asked: log-softmax(logits / T) per token
+    # Speculation of this request: draft tokens proposed, accepted, and verify steps that had drafts.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_verify_steps: int = 0
 
 
 @dataclass
@@ -53,7 +59,27 @@ class RolloutResult:
 
     @property
     def generated_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.outputs)
+        return sum(len(o.token_ids) for o in self.outputs if o is not None)
+
+    def summary(self) -> dict[str, Any]:
+        """What the benchmark and the veRL metrics report of one rollout."""
+        steps, drafted, accepted = self.steps, self.drafted_per_position, self.accepted_per_position
+        draft_rows = drafted[0] if drafted else 0
+        histogram: dict[int, int] = {}
+        for _, _, gamma, _, _ in steps:
+            histogram[gamma] = histogram.get(gamma, 0) + 1
+        return {
+            "seconds": self.seconds,
+            "prefill_seconds": self.prefill_seconds,
+            "tokens": self.generated_tokens,
+            "tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
+            "steps": len(steps),
+            "speculated_share": sum(1 for s in steps if s[1]) / len(steps) if steps else 0.0,
+            "token_acceptance": sum(accepted) / sum(drafted) if sum(drafted) else None,
+            "acceptance_per_position": [a / d if d else None for a, d in zip(accepted, drafted)],
+            "mean_acceptance_length": (sum(accepted) + draft_rows) / draft_rows if draft_rows else None,
+            "gamma_histogram": dict(sorted(histogram.items())),
+        }
 
 
 class RolloutEngine(Protocol):
@@ -61,6 +87,8 @@ class RolloutEngine(Protocol):
 
     weights_version: int
 
-    def generate(self, requests: Sequence[Request], seed: int = 0) -> RolloutResult: ...
+    def generate(
+        self, requests: Sequence[Request], seed: int = 0, should_abort: Callable[[], bool] | None = None
+    ) -> RolloutResult: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None: ...

@@ -18,35 +18,23 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import replace
+from typing import Callable, Iterable, Sequence
 
 import torch
 
-from verl_efficientrollout._validate import check_choice, check_int
-from verl_efficientrollout.config import EfficientRolloutConfig
+from verl_efficientrollout.config import EfficientRolloutConfig, NativeEngineConfig
 from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult
 from verl_efficientrollout.engine.model import DecoderLM, KVCache
 from verl_efficientrollout.models import load_target, torch_dtype
 from verl_efficientrollout.rejection import rejection_sample
-from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors
+from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors, token_logprobs
 
 logger = logging.getLogger(__name__)
 
 _PREFILL_CHUNK = 8  # distinct prompts per prefill forward
-
-
-@dataclass(frozen=True)
-class NativeEngineConfig:
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"
-    max_model_len: int = 2048  # prompt + new tokens per request
-
-    def __post_init__(self) -> None:
-        check_choice("NativeEngineConfig", "dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        check_int("NativeEngineConfig", "max_model_len", self.max_model_len, low=2)
 
 
 class NativeEngine:
@@ -59,7 +47,7 @@ class NativeEngine:
     ) -> None:
         """Serve a loaded transformers causal LM (its weights are copied into the lean decoder)."""
         self.config = config or EfficientRolloutConfig()
-        self.engine_config = engine_config = engine_config or NativeEngineConfig()
+        self.engine_config = engine_config = resolve_device(engine_config or self.config.native)
         self.tokenizer = tokenizer
         eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -78,7 +66,7 @@ class NativeEngine:
         engine_config: NativeEngineConfig | None = None,
     ) -> "NativeEngine":
         """Load ``model`` ('default' or a local HF directory) and serve it."""
-        engine_config = engine_config or NativeEngineConfig()
+        engine_config = resolve_device(engine_config or (config or EfficientRolloutConfig()).native)
         hf_model, tokenizer = load_target(model, dtype=engine_config.dtype, device=engine_config.device)
         return cls(hf_model, config, engine_config, tokenizer)
 
@@ -122,8 +110,14 @@ class NativeEngine:
             return f"prompt token id {max(request.prompt_ids)} >= vocab size {self.target.args.vocab_size}"
         return None
 
-    def generate(self, requests: Sequence[Request], seed: int = 0, controller: Controller | None = None) -> RolloutResult:
-        """Generate every request; a request this engine cannot serve gets an error output alone."""
+    def generate(
+        self, requests: Sequence[Request], seed: int = 0, controller: Controller | None = None,
+        should_abort: Callable[[], bool] | None = None,
+    ) -> RolloutResult:
+        """Generate every request; a request this engine cannot serve gets an error output alone.
+
+        ``should_abort`` is polled before every decode step; once it returns True every unfinished
+        request ends with finish reason ``abort`` and the tokens it has so far."""
         if not requests:
             raise ValueError("generate needs at least one Request, got an empty list")
         start = time.perf_counter()
@@ -139,13 +133,19 @@ class NativeEngine:
         if valid:
             controller = controller or self.controller
             generator = torch.Generator(device=self.engine_config.device).manual_seed(seed)
-            tokens, reasons = self._run([requests[i] for i in valid], controller, generator, result)
-            for i, row_tokens, reason in zip(valid, tokens, reasons):
-                outputs[i] = RequestOutput(requests[i].request_id, row_tokens, reason)
+            rows = self._run([requests[i] for i in valid], controller, generator, result, should_abort)
+            for i, row in zip(valid, rows):
+                outputs[i] = row
             result.controller = controller.stats.to_dict()
         result.outputs = outputs  # type: ignore[assignment]
         result.seconds = time.perf_counter() - start
         return result
+
+    def release_kv_cache(self) -> None:
+        """Free the KV cache (the next ``generate`` allocates a fresh one)."""
+        self._cache = None
+        if torch.device(self.engine_config.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def _kv_cache(self, slots: int, max_len: int) -> KVCache:
         cache = self._cache
@@ -155,7 +155,8 @@ class NativeEngine:
         return cache
 
     @torch.inference_mode()
-    def _run(self, requests: list[Request], controller: Controller, generator: torch.Generator, result: RolloutResult):
+    def _run(self, requests: list[Request], controller: Controller, generator: torch.Generator,
+             result: RolloutResult, should_abort: Callable[[], bool] | None) -> list[RequestOutput]:
         device = self.engine_config.device
         n = len(requests)
         longest_draft = controller.config.longest_draft
@@ -170,6 +171,10 @@ class NativeEngine:
         result.prefill_seconds = time.perf_counter() - prefill_start
         last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
         generated: list[list[int]] = [[int(t)] for t in last]
+        want_logprobs = any(r.logprobs for r in requests)
+        logprobs: list[list[float]] = [[x] for x in token_logprobs(first_logits, temperature, last).tolist()] \
+            if want_logprobs else [[] for _ in range(n)]
+        spec = [[0, 0, 0] for _ in range(n)]  # per row: draft tokens, accepted, verify steps
         produced = torch.ones(n, dtype=torch.long, device=device)  # tokens generated per row so far
         reasons = [self._finish_reason(generated[row], requests[row].max_new_tokens, 0) for row in range(n)]
         active = torch.tensor([row for row in range(n) if reasons[row] is None], dtype=torch.long, device=device)
@@ -177,6 +182,10 @@ class NativeEngine:
         controller.begin_rollout()
         step = 0
         while active.numel():
+            if should_abort is not None and should_abort():
+                for row in active.tolist():
+                    reasons[row] = "abort"
+                break
             state = EngineState(len(active), int(lengths[active].sum()) + len(active), step, n)
             decision = controller.decide(state)
             if decision.speculate and self.drafter is None:
@@ -185,17 +194,22 @@ class NativeEngine:
             params = (temperature[active], top_k[active], top_p[active])
             if decision.speculate:
                 num_draft = (budget[active] - produced[active] - 1).clamp(min=0, max=decision.gamma)
-                new_tokens, num_accepted, draft_s, verify_s = self._speculative_step(
+                new_tokens, num_accepted, target_logits, draft_s, verify_s = self._speculative_step(
                     cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
                 )
+                for row, row_draft, row_accepted in zip(active.tolist(), num_draft.tolist(), num_accepted.tolist()):
+                    if row_draft:
+                        spec[row][0] += row_draft
+                        spec[row][1] += row_accepted
+                        spec[row][2] += 1
                 drafted, accepted = per_position_counts(num_accepted.tolist(), num_draft.tolist())
                 _add_into(result.drafted_per_position, drafted)
                 _add_into(result.accepted_per_position, accepted)
                 obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
                                       draft_seconds=draft_s, verify_seconds=verify_s)
             else:
-                logits = self.target(last[active, None], lengths[active, None], cache, slots[active])[:, 0]
-                new_tokens = sample(logits_to_probs(logits, *params), generator)[:, None]
+                target_logits = self.target(last[active, None], lengths[active, None], cache, slots[active])
+                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
                 num_accepted = torch.zeros(len(active), dtype=torch.long, device=device)
                 obs = StepObservation(decision, state.batch_size, state.total_context,
                                       target_seconds=time.perf_counter() - step_start)
@@ -204,11 +218,14 @@ class NativeEngine:
             lengths[active] += num_accepted + 1
             produced[active] += num_accepted + 1
             last[active] = new_tokens[torch.arange(len(active)), num_accepted]
+            step_logprobs = token_logprobs(target_logits, params[0], new_tokens).tolist() if want_logprobs \
+                else [[]] * len(active)  # [batch, tokens of this step]
             keep = []
-            rows = zip(active.tolist(), num_accepted.tolist(), new_tokens.tolist())
-            for i, (row, accepted, row_tokens) in enumerate(rows):
+            rows = zip(active.tolist(), num_accepted.tolist(), new_tokens.tolist(), step_logprobs)
+            for i, (row, accepted, row_tokens, row_logprobs) in enumerate(rows):
                 start = len(generated[row])
                 generated[row].extend(row_tokens[: accepted + 1])
+                logprobs[row].extend(row_logprobs[: accepted + 1])
                 reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens, start)
                 if reasons[row] is None:
                     keep.append(i)
@@ -216,7 +233,12 @@ class NativeEngine:
                                  int(num_accepted.sum())))
             active = active[torch.tensor(keep, dtype=torch.long, device=device)] if len(keep) < len(active) else active
             step += 1
-        return generated, reasons
+        return [
+            RequestOutput(request.request_id, generated[row], reasons[row],
+                          log_probs=logprobs[row][: len(generated[row])] if request.logprobs else None,
+                          num_draft_tokens=spec[row][0], num_accepted_tokens=spec[row][1], num_verify_steps=spec[row][2])
+            for row, request in enumerate(requests)
+        ]
 
     @torch.inference_mode()
     def measure_step_costs(
@@ -309,7 +331,14 @@ class NativeEngine:
         output, num_accepted = rejection_sample(
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
-        return output, num_accepted, verify_start - draft_start, time.perf_counter() - verify_start
+        return output, num_accepted, target_logits, verify_start - draft_start, time.perf_counter() - verify_start
+
+
+def resolve_device(config: NativeEngineConfig) -> NativeEngineConfig:
+    """``device='auto'`` becomes ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if config.device != "auto":
+        return config
+    return replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _add_into(totals: list[int], values: Sequence[int]) -> None:

@@ -1,0 +1,64 @@
+"""verl's own hydra config (ppo_trainer) with rollout.name=efficient builds verl's and our configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def compose(*overrides: str):
+    import verl
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = hydra_compose(config_name="ppo_trainer", overrides=[
+            "actor_rollout_ref.rollout.name=efficient", "algorithm.adv_estimator=grpo", *overrides])
+    return omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+
+
+def test_ppo_trainer_config_with_our_overrides_builds_both_configs():
+    from verl.workers.config import RolloutConfig
+
+    from verl_efficientrollout.verl_adapter.config import efficient_config
+
+    rollout = compose(
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        "actor_rollout_ref.rollout.response_length=1024",
+        "+actor_rollout_ref.rollout.custom={efficient: {drafter: int4-g64, "
+        "controller: {preset: efficient, gamma_max: 7}, native: {dtype: float32}}}",
+    )
+    assert isinstance(rollout, RolloutConfig) and rollout.name == "efficient"
+    config = efficient_config(rollout)
+    assert config.drafter.name == "int4-asym-g64"
+    assert config.controller.gamma_max == 7 and config.controller.toggle == "roofline"
+    assert config.native.dtype == "float32"
+    assert config.native.max_model_len == rollout.prompt_length + 1024
+
+
+def test_without_custom_section_the_defaults_follow_verl_settings():
+    from verl_efficientrollout.verl_adapter.config import efficient_config
+
+    config = efficient_config(compose("actor_rollout_ref.rollout.tensor_model_parallel_size=1"))
+    assert config.drafter.name == "int4-asym-g32" and config.native.dtype == "bfloat16"  # verl's rollout.dtype
+    assert config.native.device == "auto"
+
+
+@pytest.mark.parametrize("custom, field", [
+    ("{efficient: {drafter: {recipe: int4, group_size: 48}}}", "group_size"),
+    ("{efficient: {drafter: int3-g32}}", "drafter recipe"),
+    ("{efficient: {controller: {preset: fastest}}}", "preset"),
+    ("{efficient: {gamma: 4}}", "unknown keys"),
+    ("{efficient: {native: {dtype: int8}}}", "dtype"),
+    ("{efficient: {engine: tensorrt}}", "engine"),
+])
+def test_bad_overrides_fail_when_the_config_is_built_naming_the_field(custom, field):
+    from verl_efficientrollout.verl_adapter.config import efficient_config
+
+    rollout = compose(f"+actor_rollout_ref.rollout.custom={custom}")
+    with pytest.raises(ValueError, match=field) as info:
+        efficient_config(rollout)
+    assert "actor_rollout_ref.rollout.custom.efficient" in str(info.value)

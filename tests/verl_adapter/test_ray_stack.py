@@ -1,0 +1,141 @@
+"""The real veRL stack on CPU, in a local Ray with no GPUs: verl's LLMServerManager launches our
+replica, verl's agent loop (single turn) drives our server, and the worker-side adapter streams a
+policy update to it as verl's checkpoint engine hands it over (a name -> tensor generator)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+UPDATE = 0.25  # the policy update: noise of 0.25 x std on every decoder linear
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k == "VERL_EFFICIENTROLLOUT_CACHE"}
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trainer_config(default_model_dir):
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        return compose(config_name="ppo_trainer", overrides=[
+            "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.rollout.name=efficient",
+            f"actor_rollout_ref.model.path={default_model_dir}",
+            "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+            "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
+            "actor_rollout_ref.rollout.agent.num_workers=1",
+            "actor_rollout_ref.rollout.prompt_length=256", "actor_rollout_ref.rollout.response_length=48",
+            "actor_rollout_ref.rollout.calculate_log_probs=true",
+            "+actor_rollout_ref.rollout.custom={efficient: {drafter: int4-g32, "
+            "controller: {preset: sd-always, gamma: 4}, native: {dtype: float32, device: cpu}}}",
+        ])
+
+
+@pytest.fixture(scope="module")
+def servers(ray_cluster, trainer_config):
+    from verl.workers.rollout.llm_server import LLMServerManager
+
+    return LLMServerManager.create(trainer_config)
+
+
+def _batch(questions: list[str], samples: int):
+    from verl import DataProto
+
+    prompts = [[{"role": "user", "content": q}] for q in questions for _ in range(samples)]
+    return DataProto.from_dict(non_tensors={
+        "raw_prompt": np.array(prompts, dtype=object),
+        "data_source": np.array(["math"] * len(prompts), dtype=object),
+        "agent_name": np.array(["single_turn_agent"] * len(prompts), dtype=object),
+    })
+
+
+def _spec_metrics(output) -> dict:
+    from verl.trainer.ppo.ray_trainer import compute_spec_decode_metrics
+
+    batch = output.non_tensor_batch
+    return compute_spec_decode_metrics(batch["spec_num_draft_tokens"], batch["spec_num_accepted_tokens"],
+                                       batch["spec_num_verify_steps"])
+
+
+def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, trainer_config, default_model_dir):
+    import ray
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+    from verl.workers.config import HFModelConfig
+    from verl.workers.rollout.base import get_rollout_class
+
+    from verl_efficientrollout.data import math_problems
+    from verl_efficientrollout.engine.native import NativeEngine
+    from verl_efficientrollout.verl_adapter.config import efficient_config
+    from verl_efficientrollout.verl_adapter.rollout import EfficientReplica
+
+    assert isinstance(servers.get_replicas()[0], EfficientReplica)
+    agents = AgentLoopManager.create(trainer_config, llm_client=servers.get_client())
+    batch = _batch([p.question for p in math_problems()[:4]], samples=2)
+
+    output = agents.generate_sequences(batch)  # verl's agent loop -> router -> our server
+    assert output.batch["responses"].shape == (8, 48)
+    log_probs = output.batch["rollout_log_probs"][output.batch["response_mask"].bool()]
+    assert log_probs.numel() > 0 and bool((log_probs <= 0).all())
+    before = _spec_metrics(output)  # what verl's trainer logs as rollout/spec_accept_rate, _length
+    assert before["rollout/spec_accept_rate"] > 0.8 and before["rollout/spec_accept_length"] > 2
+
+    # The policy update, as verl's checkpoint engine hands it to the worker-side adapter.
+    rollout_config = servers.get_replicas()[0].config
+    engine = NativeEngine.load(default_model_dir, efficient_config(rollout_config))
+    generator = torch.Generator().manual_seed(7)
+    state = {}
+    for name, tensor in engine.target.hf_state_dict().items():
+        if tensor.dim() == 2 and "embed" not in name:
+            tensor = tensor + UPDATE * tensor.std() * torch.randn(tensor.shape, generator=generator)
+        state[name] = tensor.clone()
+    os.environ.setdefault("RANK", "0")
+    adapter = get_rollout_class("efficient", "async")(
+        config=rollout_config, model_config=HFModelConfig(path=default_model_dir), device_mesh=None)
+    partial = ((n, t) for n, t in state.items() if "layers.2." not in n)
+    with pytest.raises(ray.exceptions.RayTaskError, match="missing"):
+        asyncio.run(adapter.update_weights(partial, global_steps=1))
+    report = asyncio.run(adapter.update_weights(iter(state.items()), global_steps=1))
+    assert report["weights_version"] == 1
+
+    rebuilt = _spec_metrics(agents.generate_sequences(batch))["rollout/spec_accept_rate"]
+    # The stale level for comparison: the same update with the drafter left as it was.
+    stale_drafter = engine.drafter
+    engine.update_weights(state.items())
+    engine.drafter = stale_drafter
+    stale = _stale_acceptance(engine, trainer_config, batch)
+    assert rebuilt > stale + 0.08, (rebuilt, stale)
+
+
+def _stale_acceptance(engine, trainer_config, batch) -> float:
+    """Acceptance of the same workload on the updated target with the pre-update drafter."""
+    from transformers import AutoTokenizer
+
+    from verl_efficientrollout.config import SamplingParams
+    from verl_efficientrollout.controller import Controller, ControllerConfig
+    from verl_efficientrollout.engine.base import Request
+
+    tokenizer = AutoTokenizer.from_pretrained(trainer_config.actor_rollout_ref.model.path)
+    requests = [
+        Request(tuple(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True)["input_ids"]),
+                48, SamplingParams(1.0))
+        for p in batch.non_tensor_batch["raw_prompt"]
+    ]
+    result = engine.generate(requests, seed=0, controller=Controller(ControllerConfig.preset("sd-always", gamma=4)))
+    drafted = sum(o.num_draft_tokens for o in result.outputs)
+    return sum(o.num_accepted_tokens for o in result.outputs) / drafted
