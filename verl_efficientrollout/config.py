@@ -80,7 +80,7 @@ class DrafterConfig:
         raise ValueError(f"drafter recipe must be one of {allowed}, got {name!r}")
 
 
-ENGINES = ("native",)  # "vllm" and "sglang" join as their backends land
+ENGINES = ("native", "vllm")  # "sglang" joins when its backend lands
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -101,6 +101,26 @@ class NativeEngineConfig:
 
 
 @dataclass(frozen=True)
+class VLLMEngineConfig:
+    """The vLLM backend's own settings (``vllm.LLM`` arguments this add-on sets)."""
+
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5  # CUDA only
+    cpu_kv_cache_gib: float = 2.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+
+    def __post_init__(self) -> None:
+        check_choice("VLLMEngineConfig", "dtype", self.dtype, DTYPES)
+        check_int("VLLMEngineConfig", "max_model_len", self.max_model_len, low=2)
+        check_int("VLLMEngineConfig", "max_num_seqs", self.max_num_seqs, low=1)
+        check_float("VLLMEngineConfig", "gpu_memory_utilization", self.gpu_memory_utilization, low=0.0, high=1.0,
+                    low_open=True)
+        check_float("VLLMEngineConfig", "cpu_kv_cache_gib", self.cpu_kv_cache_gib, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
 class EfficientRolloutConfig:
     """Everything the add-on reads from a rollout config (``rollout.custom.efficient`` in veRL).
 
@@ -110,11 +130,13 @@ class EfficientRolloutConfig:
         drafter: {recipe: int4, group_size: 32}
         controller: {preset: efficient, gamma_max: 6}   # a preset plus field overrides
         native: {dtype: bfloat16, device: auto}          # the native engine's settings
+        vllm: {dtype: bfloat16, max_num_seqs: 256}      # the vLLM backend's settings
     """
 
     engine: str = "native"
     drafter: DrafterConfig = DrafterConfig()
     native: NativeEngineConfig = NativeEngineConfig()
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
     controller: "ControllerConfig" = None  # type: ignore[assignment]  # filled in __post_init__
 
     def __post_init__(self) -> None:
@@ -125,6 +147,8 @@ class EfficientRolloutConfig:
             object.__setattr__(self, "controller", ControllerConfig())
         if not isinstance(self.drafter, DrafterConfig):
             raise ValueError(f"EfficientRolloutConfig.drafter must be a DrafterConfig, got {type(self.drafter).__name__}")
+        if not isinstance(self.vllm, VLLMEngineConfig):
+            raise ValueError(f"EfficientRolloutConfig.vllm must be a VLLMEngineConfig, got {type(self.vllm).__name__}")
         if not isinstance(self.native, NativeEngineConfig):
             raise ValueError(f"EfficientRolloutConfig.native must be a NativeEngineConfig, got {type(self.native).__name__}")
         if not isinstance(self.controller, ControllerConfig):
@@ -137,7 +161,7 @@ class EfficientRolloutConfig:
         from verl_efficientrollout.controller import ControllerConfig
 
         d = dict(d or {})
-        allowed = ("engine", "drafter", "controller", "native")
+        allowed = ("engine", "drafter", "controller", "native", "vllm")
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"EfficientRolloutConfig got unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
@@ -152,6 +176,7 @@ class EfficientRolloutConfig:
             engine=d.get("engine", "native"),
             drafter=drafter,
             native=NativeEngineConfig(**_known_keys(NativeEngineConfig, d.get("native") or {})),
+            vllm=VLLMEngineConfig(**_known_keys(VLLMEngineConfig, d.get("vllm") or {})),
             controller=ControllerConfig.preset(preset, **controller) if preset else ControllerConfig.from_dict(controller),
         )
 

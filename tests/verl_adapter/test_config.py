@@ -54,6 +54,7 @@ def test_without_custom_section_the_defaults_follow_verl_settings():
     ("{efficient: {gamma: 4}}", "unknown keys"),
     ("{efficient: {native: {dtype: int8}}}", "dtype"),
     ("{efficient: {engine: tensorrt}}", "engine"),
+    ("{efficient: {engine: vllm}}", "engine must be 'native'"),
 ])
 def test_bad_overrides_fail_when_the_config_is_built_naming_the_field(custom, field):
     from verl_efficientrollout.verl_adapter.config import efficient_config

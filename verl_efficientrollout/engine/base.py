@@ -82,6 +82,13 @@ class RolloutResult:
         }
 
 
+def add_into(totals: list[int], values: Sequence[int]) -> None:
+    """Element-wise ``totals += values``, growing ``totals`` as needed (per-position counts)."""
+    totals.extend([0] * (len(values) - len(totals)))
+    for i, value in enumerate(values):
+        totals[i] += value
+
+
 class RolloutEngine(Protocol):
     """What the veRL adapter and the benchmark need from an engine."""
 

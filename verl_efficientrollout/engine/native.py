@@ -26,7 +26,7 @@ import torch
 from verl_efficientrollout.config import EfficientRolloutConfig, NativeEngineConfig
 from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
-from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into
 from verl_efficientrollout.engine.model import DecoderLM, KVCache
 from verl_efficientrollout.models import load_target, torch_dtype
 from verl_efficientrollout.rejection import rejection_sample
@@ -203,8 +203,8 @@ class NativeEngine:
                         spec[row][1] += row_accepted
                         spec[row][2] += 1
                 drafted, accepted = per_position_counts(num_accepted.tolist(), num_draft.tolist())
-                _add_into(result.drafted_per_position, drafted)
-                _add_into(result.accepted_per_position, accepted)
+                add_into(result.drafted_per_position, drafted)
+                add_into(result.accepted_per_position, accepted)
                 obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
                                       draft_seconds=draft_s, verify_seconds=verify_s)
             else:
@@ -339,9 +339,3 @@ def resolve_device(config: NativeEngineConfig) -> NativeEngineConfig:
     if config.device != "auto":
         return config
     return replace(config, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _add_into(totals: list[int], values: Sequence[int]) -> None:
-    totals.extend([0] * (len(values) - len(totals)))
-    for i, value in enumerate(values):
-        totals[i] += value

@@ -78,6 +78,9 @@ def efficient_config(rollout_config) -> EfficientRolloutConfig:
         config = EfficientRolloutConfig.from_dict(section)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{FIELD}: {exc}") from exc
+    if config.engine != "native":
+        raise ValueError(f"{FIELD}.engine must be 'native' under veRL for now (the vLLM backend is not wired "
+                         f"into the rollout server yet), got {config.engine!r}")
     tp = rollout_config.tensor_model_parallel_size
     if config.engine == "native" and tp != 1:
         logger.warning("engine native serves each replica on one device; the other %d device(s) of each replica "

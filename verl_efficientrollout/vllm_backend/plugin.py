@@ -1,0 +1,66 @@
+"""The ``vllm.general_plugins`` entry point: vLLM calls ``register()`` in every process it starts.
+
+Registers one online quantization method per self-drafter recipe (``efficient_int4_g32``,
+``efficient_int4_g64``, ..., ``efficient_int8``) for ``speculative_config.quantization`` with the
+target's own checkpoint as the draft model: the drafter is then the int4 copy of the target,
+quantized by torchao with the same recipe as the native engine's drafter. Idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def quantization_name(drafter_config) -> str:
+    """The vLLM quantization method name of a ``DrafterConfig``."""
+    if drafter_config.recipe == "int8":
+        return "efficient_int8"
+    return f"efficient_int4_g{drafter_config.group_size}"
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from verl_efficientrollout.config import INT4_GROUP_SIZES, DrafterConfig
+    from verl_efficientrollout.vllm_backend import compat
+
+    torchao_base, register_quantization_config = compat.torchao_quantization_base()
+    recipes = [DrafterConfig(recipe="int4", group_size=g) for g in INT4_GROUP_SIZES] + [DrafterConfig(recipe="int8")]
+    for recipe in recipes:
+        register_quantization_config(quantization_name(recipe))(_quantization_class(torchao_base, recipe))
+    compat.fix_cpu_expand_kernel()
+    _registered = True
+
+
+def _quantization_class(torchao_base, recipe):
+    """A ``TorchAOConfig`` that needs no config file: the torchao config comes from the recipe
+    (``drafter.torchao_config``, the one place that knows torchao's names) for this device."""
+    name = quantization_name(recipe)
+
+    class EfficientDrafterQuantization(torchao_base):
+        def __init__(self, torchao_config=None, skip_modules=None, is_checkpoint_torchao_serialized=False):
+            import torch
+
+            from verl_efficientrollout.drafter import torchao_config as make_torchao_config
+
+            backend = "cuda" if torch.cuda.is_available() else "cpu"
+            super().__init__(torchao_config or make_torchao_config(recipe, backend), skip_modules or [], False)
+
+        def get_name(self):
+            return name
+
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return 0
+
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+    EfficientDrafterQuantization.__name__ = EfficientDrafterQuantization.__qualname__ = f"Quantization_{name}"
+    return EfficientDrafterQuantization

@@ -1,0 +1,40 @@
+"""Worker extension (vLLM's ``worker_extension_cls``): methods mixed into each vLLM worker,
+called with ``LLM.collective_rpc``."""
+
+from __future__ import annotations
+
+import time
+
+
+class EfficientWorkerExtension:
+    def efficient_load_weights(self, path: str, update_drafter: bool = True) -> dict:
+        """Load HF-named tensors (a safetensors file) into the target in place, then into the
+        drafter through the layerwise reload, which re-runs its online int4 quantization."""
+        from safetensors.torch import load_file
+
+        from verl_efficientrollout.vllm_backend.compat import reload_drafter
+
+        weights = list(load_file(path).items())
+        start = time.perf_counter()
+        self.model_runner.reload_weights(weights_iterator=iter(weights))
+        target_seconds = time.perf_counter() - start
+        drafter_seconds = None
+        drafter = self.model_runner.get_draft_model() if update_drafter else None
+        if drafter is not None:
+            start = time.perf_counter()
+            reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
+            drafter_seconds = time.perf_counter() - start
+        return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds}
+
+    def efficient_describe(self) -> dict:
+        """Type of one decoder linear's weight in the target and in the drafter (int4 check)."""
+        def weight_type(model):
+            if model is None:
+                return None
+            for name, param in model.named_parameters():
+                if name.endswith("down_proj.weight"):
+                    return type(param.data).__name__ if type(param).__name__ == "Parameter" else type(param).__name__
+            return None
+
+        return {"target": weight_type(self.model_runner.get_model()),
+                "drafter": weight_type(self.model_runner.get_draft_model())}
