@@ -82,6 +82,31 @@ class RolloutResult:
         }
 
 
+def triage(
+    requests: Sequence[Request], check_request: Callable[[Request], str | None]
+) -> tuple[list[RequestOutput | None], list[int]]:
+    """Error outputs for the requests ``check_request`` refuses, and the indices of the rest.
+    An empty batch is an error of the caller."""
+    if not requests:
+        raise ValueError("generate needs at least one Request, got an empty list")
+    outputs: list[RequestOutput | None] = [None] * len(requests)
+    valid = []
+    for i, request in enumerate(requests):
+        error = check_request(request)
+        if error:
+            outputs[i] = RequestOutput(request.request_id, [], "error", error)
+        else:
+            valid.append(i)
+    return outputs, valid
+
+
+def context_error(request: Request, max_model_len: int) -> str | None:
+    if len(request.prompt_ids) + request.max_new_tokens > max_model_len:
+        return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens {request.max_new_tokens} "
+                f"exceeds max_model_len {max_model_len}")
+    return None
+
+
 def add_into(totals: list[int], values: Sequence[int]) -> None:
     """Element-wise ``totals += values``, growing ``totals`` as needed (per-position counts)."""
     totals.extend([0] * (len(values) - len(totals)))

@@ -26,7 +26,7 @@ import torch
 from verl_efficientrollout.config import EfficientRolloutConfig, NativeEngineConfig
 from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
-from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
 from verl_efficientrollout.engine.model import DecoderLM, KVCache
 from verl_efficientrollout.models import load_target, torch_dtype
 from verl_efficientrollout.rejection import rejection_sample
@@ -102,10 +102,9 @@ class NativeEngine:
 
     def check_request(self, request: Request) -> str | None:
         """Why this engine cannot serve ``request`` (None if it can)."""
-        limit = self.engine_config.max_model_len
-        if len(request.prompt_ids) + request.max_new_tokens > limit:
-            return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens {request.max_new_tokens} "
-                    f"exceeds max_model_len {limit}")
+        error = context_error(request, self.engine_config.max_model_len)
+        if error:
+            return error
         if max(request.prompt_ids) >= self.target.args.vocab_size:
             return f"prompt token id {max(request.prompt_ids)} >= vocab size {self.target.args.vocab_size}"
         return None
@@ -118,17 +117,8 @@ class NativeEngine:
 
         ``should_abort`` is polled before every decode step; once it returns True every unfinished
         request ends with finish reason ``abort`` and the tokens it has so far."""
-        if not requests:
-            raise ValueError("generate needs at least one Request, got an empty list")
         start = time.perf_counter()
-        outputs: list[RequestOutput | None] = [None] * len(requests)
-        valid = []
-        for i, request in enumerate(requests):
-            error = self.check_request(request)
-            if error:
-                outputs[i] = RequestOutput(request.request_id, [], "error", error)
-            else:
-                valid.append(i)
+        outputs, valid = triage(requests, self.check_request)
         result = RolloutResult(outputs=[], seconds=0.0)
         if valid:
             controller = controller or self.controller

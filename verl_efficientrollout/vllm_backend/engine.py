@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from verl_efficientrollout.config import EfficientRolloutConfig
-from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
 from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.vllm_backend.compat import supported_engine_args, vllm_version
 from verl_efficientrollout.vllm_backend.plugin import quantization_name
@@ -86,27 +86,18 @@ class VLLMEngine:
         self.drafter_build_seconds: float | None = None
 
     def check_request(self, request: Request) -> str | None:
-        limit = self.config.vllm.max_model_len
-        if len(request.prompt_ids) + request.max_new_tokens > limit:
-            return (f"prompt of {len(request.prompt_ids)} tokens + max_new_tokens {request.max_new_tokens} "
-                    f"exceeds max_model_len {limit}")
-        return None
+        return context_error(request, self.config.vllm.max_model_len)
 
     def generate(self, requests: Sequence[Request], seed: int = 0, controller=None,
                  should_abort: Callable[[], bool] | None = None) -> RolloutResult:
+        """Generate every request in one ``LLM.generate`` call. ``controller`` and ``should_abort``
+        are accepted for the interface but not used yet: the engine's config fixes the policy
+        (off / always / threshold) and a call runs to completion. Per-position acceptance and each
+        request's draft/accept counts come from vLLM's per-request spec-decode metrics."""
         from vllm import SamplingParams as VLLMSamplingParams
 
-        if not requests:
-            raise ValueError("generate needs at least one Request, got an empty list")
         start = time.perf_counter()
-        outputs: list[RequestOutput | None] = [None] * len(requests)
-        valid = []
-        for i, request in enumerate(requests):
-            error = self.check_request(request)
-            if error:
-                outputs[i] = RequestOutput(request.request_id, [], "error", error)
-            else:
-                valid.append(i)
+        outputs, valid = triage(requests, self.check_request)
         result = RolloutResult(outputs=outputs, seconds=0.0)  # type: ignore[arg-type]
         if valid:
             prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} for i in valid]
