@@ -32,10 +32,13 @@ def test_threshold_becomes_vllms_batch_size_table():
     assert spec["num_speculative_tokens_per_batch_size"] == [(1, 4, 3), (5, 64, 0)]
 
 
-@pytest.mark.parametrize("controller, field", [
-    ({"preset": "efficient"}, "toggle"),
-    ({"toggle": "always", "draft_length": "adaptive"}, "draft_length"),
-])
-def test_policies_the_vllm_backend_cannot_run_yet_fail_naming_the_field(controller, field):
-    with pytest.raises(ValueError, match=f"controller.{field}"):
-        engine_args("/m", config(**controller))
+def test_roofline_and_adaptive_gamma_run_our_controller_in_vllms_scheduler():
+    args = engine_args("/m", config(preset="efficient", gamma_max=6))
+    assert args["scheduler_cls"].endswith("EfficientScheduler")
+    assert args["speculative_config"]["num_speculative_tokens"] == 6
+    assert args["additional_config"]["efficient"]["controller"]["toggle"] == "roofline"
+
+
+def test_an_unknown_toggle_fails_naming_the_field():
+    with pytest.raises(ValueError, match="toggle"):
+        config(toggle="sometimes")

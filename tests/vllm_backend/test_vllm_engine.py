@@ -139,3 +139,29 @@ def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, 
     refreshed = acceptance()
     # Measured (8 rows x 32 tokens): base 0.46, stale 0.24, refreshed 0.37.
     assert refreshed > stale + 0.05, (refreshed, stale)
+
+
+def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(model_dir, prompts):
+    """Adaptive gamma inside vLLM's scheduler: long drafts while the drafter is accepted, short
+    ones once it goes stale (a large policy update applied to the target only)."""
+    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
+
+    engine = VLLMEngine(model_dir, _config(toggle="always", draft_length="adaptive", gamma_min=1, gamma_max=4,
+                                           prior_acceptance=0.5))
+    requests = [Request(p, 24, SamplingParams(1.0)) for p in prompts[:4]]
+
+    def mean_k(result) -> float:
+        return sum(o.num_draft_tokens for o in result.outputs) / sum(o.num_verify_steps for o in result.outputs)
+
+    try:
+        fresh = mean_k(engine.generate(requests, seed=1))
+        from transformers import AutoModelForCausalLM
+
+        policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        engine.update_weights(_noisy(policy.state_dict(), 0.25, seed=3).items(), refresh_drafter=False)
+        engine.generate(requests, seed=2)  # the controller learns the new acceptance
+        stale = mean_k(engine.generate(requests, seed=3))
+    finally:
+        del engine
+    # Measured (4 rows x 24 tokens, prior acceptance 0.5, K in [1, 4]): fresh 2.48, stale 1.0.
+    assert stale < 1.5 and fresh > stale + 1.0, (fresh, stale)

@@ -112,3 +112,12 @@ def supported_engine_args(args: dict) -> dict:
     for key in sorted(set(args) - known):
         logger.warning("vLLM %s has no engine argument %r; running without it", vllm_version()[0], key)
     return {k: v for k, v in args.items() if k in known}
+
+
+def scheduler_base():
+    """vLLM's V1 ``Scheduler`` (synchronous scheduling: our per-step decision needs the verified
+    counts of the previous step before the next one is scheduled)."""
+    vllm_version()
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler

@@ -7,7 +7,9 @@ controller config maps onto vLLM:
 
 * toggle ``off``: plain vLLM, no speculative config (the baseline);
 * toggle ``always`` with a fixed gamma: K = gamma every step;
-* toggle ``threshold``: vLLM's own dynamic table, K = gamma up to the batch-size threshold, 0 above.
+* toggle ``threshold``: vLLM's own dynamic table, K = gamma up to the batch-size threshold, 0 above;
+* anything else (``roofline``, ``paper``, adaptive or ladder gamma): our ``Controller`` inside
+  vLLM's scheduler (``scheduler.EfficientScheduler``) sets K every step.
 
 Weights: ``update_weights`` reloads the target in place and the drafter through vLLM's layerwise
 reload, which re-runs the online int4 quantization from the new weights (``worker``).
@@ -15,6 +17,7 @@ reload, which re-runs the online int4 quantization from the new weights (``worke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -27,17 +30,16 @@ from verl_efficientrollout.vllm_backend.compat import supported_engine_args, vll
 from verl_efficientrollout.vllm_backend.plugin import quantization_name
 
 WORKER_EXTENSION = "verl_efficientrollout.vllm_backend.worker.EfficientWorkerExtension"
-SUPPORTED_TOGGLES = ("off", "always", "threshold")
+SCHEDULER = "verl_efficientrollout.vllm_backend.scheduler.EfficientScheduler"
+SUPPORTED_TOGGLES = ("off", "always", "threshold", "roofline", "paper")
 
 
 def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> dict[str, Any]:
     """The ``vllm.LLM`` keyword arguments for ``config`` (pure; no engine is started)."""
     controller, v = config.controller, config.vllm
     if controller.toggle not in SUPPORTED_TOGGLES:
-        raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm "
-                         f"(the per-step roofline toggle in vLLM's scheduler is not built yet), got {controller.toggle!r}")
-    if controller.toggle != "off" and controller.draft_length != "fixed":
-        raise ValueError(f"controller.draft_length must be 'fixed' for engine vllm, got {controller.draft_length!r}")
+        raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm, "
+                         f"got {controller.toggle!r}")
     args: dict[str, Any] = dict(
         model=model, dtype=v.dtype, max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
         enforce_eager=v.enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION,
@@ -45,11 +47,17 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
     if controller.toggle == "off":
         return args
     args["per_request_spec_decode_metrics"] = "detailed"  # per-step draft/accept counts per request
+    by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
         "method": "draft_model", "model": model, "quantization": quantization_name(config.drafter),
-        "num_speculative_tokens": controller.gamma, "draft_sample_method": "probabilistic",
+        "num_speculative_tokens": {"fixed": controller.gamma, "adaptive": controller.gamma_max,
+                                   "ladder": max(controller.paper_ladder)}[controller.draft_length],
+        "draft_sample_method": "probabilistic",
     }
-    if controller.toggle == "threshold":
+    if by_scheduler:  # our controller decides K every step inside vLLM's scheduler
+        args["scheduler_cls"] = SCHEDULER
+        args["additional_config"] = {"efficient": {"controller": dataclasses.asdict(controller)}}
+    elif controller.toggle == "threshold":
         n = controller.threshold_batch_size
         table = [(1, max(n, 1), controller.gamma if n >= 1 else 0)]
         if n < v.max_num_seqs:
