@@ -22,3 +22,16 @@ def test_expand_handles_requests_without_tokens():
     output = torch.zeros(3)
     expand_batch_to_tokens_reference(output, torch.tensor([2.0, 3.0, 4.0]), torch.tensor([1, 1, 3]), 0, 0)
     assert output.tolist() == [2.0, 4.0, 4.0]
+
+
+def test_the_vllm_plugin_never_raises_into_vllm(monkeypatch, caplog):
+    """vLLM calls general plugins for every user: a failure must leave vLLM working."""
+    from verl_efficientrollout.vllm_backend import compat, plugin
+
+    def unsupported():
+        raise RuntimeError("vLLM 0.99.0 is not supported")
+
+    monkeypatch.setattr(compat, "torchao_quantization_base", unsupported)
+    monkeypatch.setattr(plugin, "_registered", False)
+    plugin.register()
+    assert "inactive" in caplog.text and "0.99.0" in caplog.text

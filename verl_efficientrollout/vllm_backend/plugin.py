@@ -23,6 +23,16 @@ def quantization_name(drafter_config) -> str:
 
 
 def register() -> None:
+    """vLLM calls this in every process of every user who has this package installed, so it
+    never raises: an unsupported vLLM leaves the plugin inactive, with a warning."""
+    try:
+        _register()
+    except Exception as exc:  # noqa: BLE001 - must not break vLLM for users who do not use us
+        logger.warning("verl-efficientrollout's vLLM plugin is inactive (the efficient_* drafter quantization "
+                       "methods are not registered): %s", exc)
+
+
+def _register() -> None:
     global _registered
     if _registered:
         return
