@@ -187,12 +187,13 @@ class NativeEngine:
                 new_tokens, num_accepted, target_logits, draft_s, verify_s = self._speculative_step(
                     cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
                 )
-                for row, row_draft, row_accepted in zip(active.tolist(), num_draft.tolist(), num_accepted.tolist()):
-                    if row_draft:
-                        spec[row][0] += row_draft
-                        spec[row][1] += row_accepted
+                row_drafts, row_accepted = num_draft.tolist(), num_accepted.tolist()
+                for row, drafts, accepted_tokens in zip(active.tolist(), row_drafts, row_accepted):
+                    if drafts:
+                        spec[row][0] += drafts
+                        spec[row][1] += accepted_tokens
                         spec[row][2] += 1
-                drafted, accepted = per_position_counts(num_accepted.tolist(), num_draft.tolist())
+                drafted, accepted = per_position_counts(row_accepted, row_drafts)
                 add_into(result.drafted_per_position, drafted)
                 add_into(result.accepted_per_position, accepted)
                 obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
