@@ -201,6 +201,19 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
     return report
 
 
+def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """A stand-in for one RL step: Gaussian noise of ``fraction`` x its std on every decoder
+    linear (2-D, not the embedding); the other tensors are copied. New tensors, same dtypes."""
+    generator = torch.Generator().manual_seed(seed)
+    updated = {}
+    for name, tensor in state.items():
+        if tensor.dim() == 2 and "embed" not in name:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype)
+            tensor = tensor + fraction * tensor.float().std().to(tensor.dtype) * noise
+        updated[name] = tensor.clone()
+    return updated
+
+
 def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: BenchConfig) -> list[dict]:
     """Scenario 2: a policy update; acceptance of the stale drafter vs the rebuilt one.
 
@@ -215,14 +228,8 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
     original = {name: tensor.clone() for name, tensor in engine.target.hf_state_dict().items()}
     results = []
     for perturbation in config.perturbations:
-        generator = torch.Generator().manual_seed(config.seed + 1000)
         before = acceptance()
-        state = {}
-        for name, tensor in original.items():
-            if tensor.dim() == 2 and "embed" not in name:  # decoder linears: the policy update
-                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype)
-                tensor = tensor + perturbation * tensor.float().std().to(tensor.dtype) * noise
-            state[name] = tensor
+        state = policy_update(original, perturbation, seed=config.seed + 1000)
         stale = engine.drafter
         engine.update_weights(state.items())
         rebuilt = engine.drafter

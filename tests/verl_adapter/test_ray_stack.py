@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -79,6 +78,7 @@ def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, tr
     from verl.workers.config import HFModelConfig
     from verl.workers.rollout.base import get_rollout_class
 
+    from verl_efficientrollout.bench import policy_update
     from verl_efficientrollout.data import math_problems
     from verl_efficientrollout.engine.native import NativeEngine
     from verl_efficientrollout.verl_adapter.config import efficient_config
@@ -98,12 +98,7 @@ def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, tr
     # The policy update, as verl's checkpoint engine hands it to the worker-side adapter.
     rollout_config = servers.get_replicas()[0].config
     engine = NativeEngine.load(default_model_dir, efficient_config(rollout_config))
-    generator = torch.Generator().manual_seed(7)
-    state = {}
-    for name, tensor in engine.target.hf_state_dict().items():
-        if tensor.dim() == 2 and "embed" not in name:
-            tensor = tensor + UPDATE * tensor.std() * torch.randn(tensor.shape, generator=generator)
-        state[name] = tensor.clone()
+    state = policy_update(engine.target.hf_state_dict(), UPDATE, seed=7)
     os.environ.setdefault("RANK", "0")
     adapter = get_rollout_class("efficient", "async")(
         config=rollout_config, model_config=HFModelConfig(path=default_model_dir), device_mesh=None)

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from verl_efficientrollout.bench import policy_update
 from verl_efficientrollout.verl_adapter.server import EfficientServer
 
 pytestmark = pytest.mark.model
@@ -127,18 +128,6 @@ def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, defaul
     assert resumed.stop_reason == "completed" and len(resumed.token_ids) == 3
 
 
-def perturbed_state(engine, fraction: float) -> dict[str, torch.Tensor]:
-    """A policy update: Gaussian noise of ``fraction`` x std on every decoder linear."""
-    generator = torch.Generator().manual_seed(7)
-    state = {}
-    for name, tensor in engine.target.hf_state_dict().items():
-        if tensor.dim() == 2 and "embed" not in name:
-            noise = torch.randn(tensor.shape, generator=generator)
-            tensor = tensor + fraction * tensor.std() * noise
-        state[name] = tensor.clone()
-    return state
-
-
 def test_weight_update_is_all_or_nothing_and_rebuilds_the_drafter(default_model_dir, make_settings, chat_prompts):
     server = EfficientServer(make_settings(default_model_dir))
     prompt = chat_prompts(1)[0]
@@ -146,7 +135,7 @@ def test_weight_update_is_all_or_nothing_and_rebuilds_the_drafter(default_model_
     async def scenario():
         await server.launch()
         engine = server.engine
-        state = perturbed_state(engine, 0.25)
+        state = policy_update(engine.target.hf_state_dict(), 0.25, seed=7)
         before = {n: t.clone() for n, t in engine.target.hf_state_dict().items()}
         first = await server.generate(prompt_ids=prompt, sampling_params={"temperature": 0.0, "max_tokens": 8},
                                       request_id="before")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from verl_efficientrollout.bench import policy_update
 from verl_efficientrollout.config import EfficientRolloutConfig, SamplingParams
 from verl_efficientrollout.engine.base import Request
 
@@ -100,16 +101,6 @@ def test_above_the_batch_size_threshold_no_drafts_are_scheduled(model_dir, promp
     assert all(o.num_verify_steps >= 2 and o.num_draft_tokens >= 2 * GAMMA for o in few.outputs)
 
 
-def _noisy(state: dict[str, torch.Tensor], fraction: float, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, tensor in state.items():
-        if tensor.dim() == 2 and "embed" not in name:
-            tensor = tensor + fraction * tensor.float().std() * torch.randn(tensor.shape, generator=generator)
-        out[name] = tensor.clone()
-    return out
-
-
 def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, prompts, tmp_path_factory):
     """An off-grid policy (a bf16-trained model is never on the int4 grid) takes a policy update:
     acceptance with the refreshed int4 drafter stays well above the stale drafter's."""
@@ -118,12 +109,12 @@ def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, 
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    base = _noisy(policy.state_dict(), 0.1, seed=1)
+    base = policy_update(policy.state_dict(), 0.1, seed=1)
     policy.load_state_dict(base)
     checkpoint = tmp_path_factory.mktemp("policy")
     policy.save_pretrained(checkpoint)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(checkpoint)
-    update = _noisy(base, 0.1, seed=2)
+    update = policy_update(base, 0.1, seed=2)
 
     engine = VLLMEngine(str(checkpoint), _config(preset="sd-always", gamma=GAMMA))
     requests = [Request(p, 24, SamplingParams(1.0)) for p in prompts]
@@ -158,7 +149,7 @@ def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(m
         from transformers import AutoModelForCausalLM
 
         policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        engine.update_weights(_noisy(policy.state_dict(), 0.25, seed=3).items(), refresh_drafter=False)
+        engine.update_weights(policy_update(policy.state_dict(), 0.25, seed=3).items(), refresh_drafter=False)
         engine.generate(requests, seed=2)  # the controller learns the new acceptance
         stale = mean_k(engine.generate(requests, seed=3))
     finally:

@@ -147,9 +147,6 @@ class EfficientServer:
         return {"weights_version": self.engine.weights_version, "update_seconds": seconds,
                 "drafter_build_seconds": self._rebuild_seconds}
 
-    async def weights_version(self) -> int:
-        return self.engine.weights_version
-
     # ------------------------------------------------------------------ generation
 
     def to_request(self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str) -> Request:
