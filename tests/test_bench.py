@@ -15,11 +15,19 @@ from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
         ({"prompts": 0}, r"BenchConfig.prompts must be"),
         ({"repeats": 0}, r"BenchConfig.repeats must be"),
         ({"perturbations": (0.0,)}, r"BenchConfig.perturbations must be"),
+        ({"engine": "sglang"}, r"BenchConfig.engine must be one of 'native', 'vllm'"),
+        ({"dtype": "int8"}, r"BenchConfig.dtype must be one of 'auto', 'float32'"),
     ],
 )
 def test_bad_bench_settings_fail_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_auto_dtype_is_float32_for_the_native_engine_and_bfloat16_for_vllm():
+    assert BenchConfig().dtype == "float32"
+    assert BenchConfig(engine="vllm").dtype == "bfloat16"
+    assert BenchConfig(engine="vllm", dtype="float16").dtype == "float16"
 
 
 def _flat_costs(target: float, draft: float, verify_per_token: float) -> CostModel:

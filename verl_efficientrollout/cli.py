@@ -18,6 +18,7 @@ def _csv(kind):
 
 def _parser() -> argparse.ArgumentParser:
     from verl_efficientrollout.bench import BenchConfig
+    from verl_efficientrollout.calibrate import CalibrateConfig
     from verl_efficientrollout.quality import QualityConfig
 
     defaults = QualityConfig()
@@ -27,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     b = BenchConfig()
     bench = commands.add_parser("bench", help="rollout latency of each speculation policy vs plain decoding")
     bench.add_argument("--model", default=b.model, help="'default' or a local HF model directory")
-    bench.add_argument("--dtype", default=b.dtype, help="float32, bfloat16 or float16")
+    bench.add_argument("--engine", default=b.engine, help="native (default) or vllm (needs vLLM installed)")
+    bench.add_argument("--dtype", default="auto", help="auto (float32 native, bfloat16 vllm), float32, bfloat16, float16")
+    bench.add_argument("--device", default=b.device, help="auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N")
     bench.add_argument("--drafter", default=b.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
     bench.add_argument("--prompts", type=int, default=b.prompts)
     bench.add_argument("--samples", type=int, default=b.samples)
@@ -56,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=defaults.seed)
     quality.add_argument("--out", type=Path, default=Path("results/quality"), help="folder for quality.json/.png")
 
+    c = CalibrateConfig()
+    calibrate = commands.add_parser("calibrate", help="measure step costs on this device and fit a cost profile")
+    calibrate.add_argument("--model", default=c.model, help="'default' or a local HF model directory")
+    calibrate.add_argument("--dtype", default=c.dtype, help="float32, bfloat16 or float16")
+    calibrate.add_argument("--device", default=c.device, help="auto, cpu, cuda, cuda:N")
+    calibrate.add_argument("--drafter", default=c.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
+    calibrate.add_argument("--batches", type=_csv(int), default=c.batches)
+    calibrate.add_argument("--contexts", type=_csv(int), default=c.contexts, help="the longest is held out")
+    calibrate.add_argument("--gammas", type=_csv(int), default=c.gammas)
+    calibrate.add_argument("--repeats", type=int, default=c.repeats)
+    calibrate.add_argument("--name", default=c.name, help="profile name (file stem)")
+    calibrate.add_argument("--out", type=Path, default=Path("results/calibrate"), help="folder for <name>.json")
+
+    commands.add_parser("config-reference", help="print every configuration key, its default and allowed values")
     model_path = commands.add_parser("model-path", help="print the local directory of a model (converts the default)")
     model_path.add_argument("--model", default="default")
     return parser
@@ -64,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "calibrate":
+            from verl_efficientrollout.calibrate import CalibrateConfig, format_calibrate, run_calibrate
+
+            fields = {k: v for k, v in vars(args).items() if k in CalibrateConfig.__dataclass_fields__}
+            print(format_calibrate(run_calibrate(CalibrateConfig(**fields), args.out)))
+            return 0
+        if args.command == "config-reference":
+            from verl_efficientrollout.config_reference import reference_markdown
+
+            print(reference_markdown())
+            return 0
         if args.command == "model-path":
             from verl_efficientrollout.models import resolve_model
 
@@ -73,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             from verl_efficientrollout.bench import BenchConfig, format_bench, run_bench
 
             config = BenchConfig(**{k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__})
+            if config.engine == "vllm":
+                from verl_efficientrollout.vllm_backend.bench import format_vllm_bench, run_vllm_bench
+
+                print(format_vllm_bench(run_vllm_bench(config, args.out)))
+                print(f"\nwrote {args.out / 'bench_vllm.json'} and {args.out / 'bench_vllm.png'}")
+                return 0
             print(format_bench(run_bench(config, args.out)))
             print(f"\nwrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
             return 0

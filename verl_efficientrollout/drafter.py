@@ -130,6 +130,11 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
             f"{type(target).__name__} has no linear layer to quantize with {config.name} "
             f"(skipped: {', '.join(skipped) or 'none found'}); the drafter needs nn.Linear decoder layers"
         )
+    misfits = [fqn for fqn in skipped if fqn.rsplit(".", 1)[-1] not in _SHARED_LINEAR_NAMES]
+    if misfits:
+        logger.warning("drafter %s: %d of %d decoder linears stay in full precision (in_features not a multiple "
+                       "of the group size %d), e.g. %s", config.name, len(misfits), len(misfits) + len(selected),
+                       config.group_size, misfits[0])
     drafter = _shallow_clone(target)
     activation_dtype = _activation_dtype(config, backend, next(target.parameters()).dtype)
     try:
@@ -166,9 +171,10 @@ class _CastActivations(nn.Module):
 
 
 def _activation_dtype(config: DrafterConfig, backend: str, target_dtype: torch.dtype) -> torch.dtype | None:
-    """aten's CPU int4 kernel is fast with bf16 activations only (7x slower in fp32 on an AVX2
-    CPU, measured): a CPU int4 drafter of a non-bf16 target computes its linears in bf16."""
-    if backend == "cpu" and config.recipe == "int4" and target_dtype != torch.bfloat16:
+    """An int4 drafter of a non-bf16 target computes its linears in bf16: CUDA's tinygemm packing
+    takes bf16 only, and aten's CPU int4 kernel is fast with bf16 activations only (7x slower in
+    fp32 on an AVX2 CPU, measured)."""
+    if backend in ("cpu", "cuda") and config.recipe == "int4" and target_dtype != torch.bfloat16:
         return torch.bfloat16
     return None
 

@@ -97,7 +97,14 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     # state_dict() yields de-quantized float tensors; save them as a plain (unquantized) model.
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # (Not save_pretrained: transformers < 5.19 refuses to serialize a GGUF-loaded model.)
+    from safetensors.torch import save_file
+
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {name: t.contiguous() for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())

@@ -14,7 +14,6 @@ For every recipe it reports, on target samples of the bundled math problems:
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -28,6 +27,7 @@ from verl_efficientrollout.config import DrafterConfig, SamplingParams
 from verl_efficientrollout.data import chat_prompt_ids, math_problems
 from verl_efficientrollout.drafter import build_drafter
 from verl_efficientrollout.models import load_target, resolve_model
+from verl_efficientrollout.reports import save_report
 from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors
 
 
@@ -234,10 +234,7 @@ def run_quality(config: QualityConfig, out_dir: Path | None = None) -> dict:
         },
         "recipes": [asdict(q) for q in results],
     }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
-        plot_quality(report, out_dir / "quality.png")
+    save_report(report, out_dir, "quality", plot_quality)
     return report
 
 

@@ -158,7 +158,7 @@ class NativeEngine:
 
         prefill_start = time.perf_counter()
         first_logits = self._prefill(requests, cache)  # [n, vocab]
-        result.prefill_seconds = time.perf_counter() - prefill_start
+        result.prefill_seconds = clock(device) - prefill_start
         last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
         generated: list[list[int]] = [[int(t)] for t in last]
         want_logprobs = any(r.logprobs for r in requests)
@@ -180,7 +180,7 @@ class NativeEngine:
             decision = controller.decide(state)
             if decision.speculate and self.drafter is None:
                 decision = Decision(False, 0, decision.predicted_speedup, "no drafter")
-            step_start = time.perf_counter()
+            step_start = clock(device)
             params = (temperature[active], top_k[active], top_p[active])
             if decision.speculate:
                 num_draft = (budget[active] - produced[active] - 1).clamp(min=0, max=decision.gamma)
@@ -203,7 +203,7 @@ class NativeEngine:
                 new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
                 num_accepted = torch.zeros(len(active), dtype=torch.long, device=device)
                 obs = StepObservation(decision, state.batch_size, state.total_context,
-                                      target_seconds=time.perf_counter() - step_start)
+                                      target_seconds=clock(device) - step_start)
             controller.observe(obs)
             # Commit: the previous last token and the accepted drafts are now in the KV cache.
             lengths[active] += num_accepted + 1
@@ -255,10 +255,10 @@ class NativeEngine:
             times: dict[tuple[str, int], list[float]] = {(kind, gamma): [] for kind, gamma, *_ in runs}
             for i in range(repeats + 1):  # interleaved; the first round warms up
                 for kind, gamma, model, tokens, positions in runs:
-                    start = time.perf_counter()
+                    start = clock(device)
                     model(tokens, positions, cache, slots)
                     if i:
-                        times[kind, gamma].append(time.perf_counter() - start)
+                        times[kind, gamma].append(clock(device) - start)
             for (kind, gamma), values in times.items():
                 measurements.append({"kind": kind, "batch": batch, "total_context": batch * context,
                                      "gamma": gamma, "seconds": statistics.median(values)})
@@ -305,7 +305,7 @@ class NativeEngine:
 
     def _speculative_step(self, cache, slots, lengths, last, num_draft, gamma, params, generator):
         """Draft ``gamma`` tokens on the shared cache, verify them in one target forward, accept."""
-        draft_start = time.perf_counter()
+        draft_start = clock(last.device)
         token, draft_tokens, draft_probs = last, [], []
         for i in range(gamma):
             logits = self.drafter.module(token[:, None], (lengths + i)[:, None], cache, slots)[:, 0]
@@ -314,7 +314,7 @@ class NativeEngine:
             draft_tokens.append(token)
             draft_probs.append(probs)
         draft_tokens = torch.stack(draft_tokens, dim=1)  # [batch, gamma]
-        verify_start = time.perf_counter()
+        verify_start = clock(last.device)
         positions = lengths[:, None] + torch.arange(gamma + 1, device=lengths.device)
         target_logits = self.target(torch.cat([last[:, None], draft_tokens], dim=1), positions, cache, slots)
         target_probs = logits_to_probs(target_logits, *params)  # [batch, gamma + 1, vocab]
@@ -322,7 +322,15 @@ class NativeEngine:
         output, num_accepted = rejection_sample(
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
-        return output, num_accepted, target_logits, verify_start - draft_start, time.perf_counter() - verify_start
+        return output, num_accepted, target_logits, verify_start - draft_start, clock(last.device) - verify_start
+
+
+def clock(device: torch.device | str) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run
+    asynchronously: without the synchronize a step's time would be its launch time)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def resolve_device(config: NativeEngineConfig) -> NativeEngineConfig:

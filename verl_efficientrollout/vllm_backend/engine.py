@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterable, Sequence
 from verl_efficientrollout.config import EfficientRolloutConfig
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
 from verl_efficientrollout.controller import per_position_counts
-from verl_efficientrollout.vllm_backend.compat import supported_engine_args, vllm_version
+from verl_efficientrollout.vllm_backend.compat import (
+    platform_engine_args, platform_env, shutdown_llm, supported_engine_args, vllm_version,
+)
 from verl_efficientrollout.vllm_backend.plugin import quantization_name
 
 WORKER_EXTENSION = "verl_efficientrollout.vllm_backend.worker.EfficientWorkerExtension"
@@ -43,6 +45,7 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
     args: dict[str, Any] = dict(
         model=model, dtype=v.dtype, max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
         enforce_eager=v.enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION,
+        **platform_engine_args(v.max_model_len),
     )
     if controller.toggle == "off":
         return args
@@ -88,6 +91,8 @@ class VLLMEngine:
         self.config = config or EfficientRolloutConfig(engine="vllm")
         self.model = model
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(max(1, round(self.config.vllm.cpu_kv_cache_gib)))))
+        for name, value in platform_env().items():
+            os.environ.setdefault(name, value)
         self.speculative = self.config.controller.toggle != "off"
         self.llm = LLM(**supported_engine_args(engine_args(model, self.config, seed)))
         self.weights_version = 0
@@ -150,3 +155,7 @@ class VLLMEngine:
 
     def release_kv_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes (the engine cannot be used afterwards)."""
+        shutdown_llm(self.llm)

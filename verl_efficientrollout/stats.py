@@ -1,0 +1,107 @@
+"""Two-sample tests for "does speculation change what the policy samples?" (pure Python, no SciPy).
+
+* :func:`ks_two_sample`: Kolmogorov-Smirnov on response lengths (asymptotic p-value);
+* :func:`chi2_homogeneity`: chi-square test that two samples of tokens come from one law,
+  categories with too few expected counts pooled into one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+
+@dataclass(frozen=True)
+class TwoSampleResult:
+    statistic: float
+    p_value: float
+    dof: int = 0  # chi-square only
+
+
+def ks_two_sample(a: Sequence[float], b: Sequence[float]) -> TwoSampleResult:
+    """Largest gap between the two empirical CDFs, with the asymptotic Kolmogorov p-value
+    (conservative when the data have ties, e.g. lengths at a token cap)."""
+    if not a or not b:
+        raise ValueError("ks_two_sample needs two non-empty samples")
+    xs, ys = sorted(a), sorted(b)
+    gap = max(abs(bisect.bisect_right(xs, v) / len(xs) - bisect.bisect_right(ys, v) / len(ys)) for v in set(xs + ys))
+    n = len(xs) * len(ys) / (len(xs) + len(ys))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * gap  # Stephens' small-sample correction
+    return TwoSampleResult(gap, kolmogorov_sf(lam))
+
+
+def kolmogorov_sf(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution."""
+    if lam < 0.2:
+        return 1.0
+    total = sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return min(1.0, max(0.0, 2 * total))
+
+
+def chi2_homogeneity(a: Sequence[Hashable], b: Sequence[Hashable], min_expected: float = 5.0) -> TwoSampleResult:
+    """Chi-square test of homogeneity of two categorical samples. Categories whose expected count
+    is below ``min_expected`` in either sample are pooled into one 'other' category."""
+    if not a or not b:
+        raise ValueError("chi2_homogeneity needs two non-empty samples")
+    count_a, count_b = Counter(a), Counter(b)
+    n_a, n_b = len(a), len(b)
+    share_a = n_a / (n_a + n_b)
+    cells, other = [], [0, 0]
+    for category in count_a.keys() | count_b.keys():
+        total = count_a[category] + count_b[category]
+        if min(total * share_a, total * (1 - share_a)) >= min_expected:
+            cells.append((count_a[category], count_b[category]))
+        else:
+            other[0] += count_a[category]
+            other[1] += count_b[category]
+    if sum(other):
+        cells.append(tuple(other))
+    if len(cells) < 2:
+        return TwoSampleResult(0.0, 1.0, 0)
+    statistic = 0.0
+    for observed_a, observed_b in cells:
+        total = observed_a + observed_b
+        for observed, expected in ((observed_a, total * share_a), (observed_b, total * (1 - share_a))):
+            statistic += (observed - expected) ** 2 / expected
+    dof = len(cells) - 1
+    return TwoSampleResult(statistic, chi2_sf(statistic, dof), dof)
+
+
+def chi2_sf(x: float, dof: int) -> float:
+    """P(X > x) for a chi-square law with ``dof`` degrees of freedom: Q(dof/2, x/2)."""
+    if x <= 0:
+        return 1.0
+    return _upper_regularized_gamma(dof / 2, x / 2)
+
+
+def _upper_regularized_gamma(s: float, x: float) -> float:
+    log_prefactor = s * math.log(x) - x - math.lgamma(s)
+    if x < s + 1:  # series for the lower function
+        term = total = 1.0 / s
+        k = s
+        while abs(term) > 1e-15 * abs(total):
+            k += 1
+            term *= x / k
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_prefactor))
+    # Lentz's continued fraction for the upper function
+    tiny = 1e-300
+    b = x + 1 - s
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - s)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_prefactor) * h)
