@@ -12,6 +12,7 @@ from verl_efficientrollout.controller import Controller, ControllerConfig, CostM
     ({"gammas": (0,)}, r"CalibrateConfig.gammas must be an integer >= 1"),
     ({"dtype": "fp8"}, "CalibrateConfig.dtype must be one of"),
     ({"name": "a/b"}, "CalibrateConfig.name must be a file stem"),
+    ({"batches": (1, 4), "contexts": (32, 96)}, "at least 3 step sizes to fit"),
 ])
 def test_bad_calibration_settings_fail_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -39,7 +40,7 @@ def test_validation_counts_a_decision_that_the_prediction_gets_wrong():
 def test_calibrate_writes_a_profile_the_controller_loads_and_reports_validation(tmp_path, capsys):
     from verl_efficientrollout.cli import main
 
-    assert main(["calibrate", "--batches", "1,4", "--contexts", "32,96", "--gammas", "2", "--repeats", "1",
+    assert main(["calibrate", "--batches", "1,2,4", "--contexts", "32,96", "--gammas", "2", "--repeats", "1",
                  "--name", "tiny", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "validation on the held-out context 96" in out and "| verify | 4 | 2 |" in out

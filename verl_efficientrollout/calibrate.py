@@ -51,6 +51,11 @@ class CalibrateConfig:
         if len(set(self.contexts)) < 2:
             raise ValueError(f"CalibrateConfig.contexts must hold at least two lengths (one is held out), "
                              f"got {self.contexts!r}")
+        fitted = len(set(self.batches)) * (len(set(self.contexts)) - 1)
+        if fitted < 3:
+            raise ValueError(f"CalibrateConfig.batches x contexts must give at least 3 step sizes to fit besides the "
+                             f"held-out longest context, got {len(set(self.batches))} batch size(s) x "
+                             f"{len(set(self.contexts)) - 1} fitted context(s)")
         check_int("CalibrateConfig", "repeats", self.repeats, low=1)
         if not self.name or "/" in self.name:
             raise ValueError(f"CalibrateConfig.name must be a file stem without '/', got {self.name!r}")

@@ -97,7 +97,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     # state_dict() yields de-quantized float tensors; save them as a plain (unquantized) model.
-    # (Not save_pretrained: transformers < 5.19 refuses to serialize a GGUF-loaded model.)
+    # (Not save_pretrained: transformers 5.17 refuses to serialize a GGUF-loaded model.)
     from safetensors.torch import save_file
 
     tied = getattr(model.config, "tie_word_embeddings", False)

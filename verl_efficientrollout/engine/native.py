@@ -156,7 +156,7 @@ class NativeEngine:
         slots = torch.arange(n, device=device)
         lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)  # committed tokens in KV
 
-        prefill_start = time.perf_counter()
+        prefill_start = clock(device)
         first_logits = self._prefill(requests, cache)  # [n, vocab]
         result.prefill_seconds = clock(device) - prefill_start
         last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
