@@ -25,7 +25,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,11 @@ def workload(tokenizer, config: BenchConfig) -> list[Request]:
     prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[: config.prompts]]
     return [Request(p, config.max_new_tokens, params, f"{i}-{s}") for i, p in enumerate(prompts)
             for s in range(config.samples)]
+
+
+def capped(requests: list[Request], max_new_tokens: int) -> list[Request]:
+    """The same requests with at most ``max_new_tokens`` each (warm-ups, short scenarios)."""
+    return [replace(r, max_new_tokens=min(max_new_tokens, r.max_new_tokens)) for r in requests]
 
 
 def mode_config(mode: str, config: BenchConfig) -> ControllerConfig:
@@ -165,8 +170,7 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
 
     # One untimed rollout first: the first in a process pays one-off costs (CUDA context and
     # kernels, allocator growth) that would otherwise land on whichever mode runs first.
-    warmup = [Request(r.prompt_ids, min(32, r.max_new_tokens), r.sampling, r.request_id) for r in requests]
-    engine.generate(warmup, seed=config.seed, controller=Controller(mode_config("sd-always", config)))
+    engine.generate(capped(requests, 32), seed=config.seed, controller=Controller(mode_config("sd-always", config)))
     runs: dict[str, list[dict]] = {mode: [] for mode in config.modes}
     order = list(config.modes)
     with tqdm(total=config.repeats * len(order), desc="rollouts") as progress:
@@ -240,7 +244,7 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
     """Scenario 2: a policy update; acceptance of the stale drafter vs the rebuilt one.
 
     Each perturbation starts from the original weights, which are restored at the end."""
-    short = [Request(r.prompt_ids, min(64, r.max_new_tokens), r.sampling, r.request_id) for r in requests]
+    short = capped(requests, 64)
 
     def acceptance() -> float:
         controller = Controller(ControllerConfig.preset("sd-always", gamma=config.gamma))

@@ -21,8 +21,13 @@ def math_problems() -> list[MathProblem]:
 
 
 def chat_prompt_ids(tokenizer, problem: MathProblem) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending where the assistant starts to answer."""
-    messages = [{"role": "user", "content": f"{problem.question}\n{INSTRUCTION}"}]
+    """Token ids of the chat-formatted problem, ending where the assistant starts to answer."""
+    return chat_ids(tokenizer, f"{problem.question}\n{INSTRUCTION}")
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one user message in the chat template, ending where the assistant answers."""
+    messages = [{"role": "user", "content": text}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]

@@ -98,14 +98,11 @@ def test_temperature_one_output_distribution_is_that_of_plain_vllm(speculative, 
     tests/test_stats.py shows that they reject shifts of that size at these sample sizes."""
     from transformers import AutoTokenizer
 
+    from verl_efficientrollout.data import chat_ids
     from verl_efficientrollout.stats import chi2_homogeneity, ks_two_sample
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = []
-    for question in SHORT_ANSWER_QUESTIONS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            tokenize=True)
-        prompts.append(tuple(ids["input_ids"] if not isinstance(ids, list) else ids))
+    prompts = [tuple(chat_ids(tokenizer, question)) for question in SHORT_ANSWER_QUESTIONS]
     samples = 12
 
     def rollout(engine, seed: int) -> list[list[int]]:

@@ -24,9 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from verl_efficientrollout.bench import BenchConfig, mode_config, ratio_bars, workload
+from verl_efficientrollout.bench import BenchConfig, capped, mode_config, ratio_bars, workload
 from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, VLLMEngineConfig
-from verl_efficientrollout.engine.base import Request
 from verl_efficientrollout.models import resolve_model
 from verl_efficientrollout.reports import save_report
 from verl_efficientrollout.stats import ks_two_sample
@@ -44,14 +43,13 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
     longest = max(len(r.prompt_ids) for r in requests) + config.max_new_tokens
     engine_config = VLLMEngineConfig(dtype=config.dtype, max_model_len=longest + 8,
                                      max_num_seqs=max(16, len(requests)))
-    warmup = [Request(r.prompt_ids, min(32, r.max_new_tokens), r.sampling, r.request_id) for r in requests]
     runs: dict[str, list[dict]] = {}
     for mode in tqdm(config.modes, desc="vLLM engines"):
         efficient = EfficientRolloutConfig(engine="vllm", drafter=DrafterConfig.from_name(config.drafter),
                                            controller=mode_config(mode, config), vllm=engine_config)
         engine = VLLMEngine(model, efficient)
         try:
-            engine.generate(warmup, seed=config.seed)
+            engine.generate(capped(requests, 32), seed=config.seed)
             runs[mode] = []
             for repeat in range(config.repeats):
                 result = engine.generate(requests, seed=config.seed + repeat)
