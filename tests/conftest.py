@@ -41,3 +41,23 @@ def pytest_configure(config):
             importlib.import_module(module)
         except ImportError as exc:
             raise pytest.UsageError(f"test tier {tier!r} needs {module}, which does not import: {exc}") from exc
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """Import a script under examples/ by its path (examples are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[1] / "examples" / relative
+        name = f"example_{path.stem}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up here
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+
+    return load

@@ -3,6 +3,9 @@
     efficient-rollout bench [--model DIR] [--drafter int4-g32] [--out results/bench]
     efficient-rollout quality [--model DIR] [--recipes int4-g32,int4-g64] [--out results/quality]
     efficient-rollout model-path [--model DIR]
+    efficient-rollout verl-dry-run OVERRIDE [OVERRIDE ...]
+    efficient-rollout config-reference | metrics-reference
+    efficient-rollout calibrate [--model DIR] [--device cuda] [--name NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -72,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", default=c.name, help="profile name (file stem)")
     calibrate.add_argument("--out", type=Path, default=Path("results/calibrate"), help="folder for <name>.json")
 
+    dry = commands.add_parser("verl-dry-run", help="compose and validate verl trainer overrides against verl's "
+                              "own hydra config, without a GPU (examples/grpo/*.sh with DRY_RUN=1)")
+    dry.add_argument("--save", type=Path, default=None, help="also write the composed, resolved config (YAML)")
+    dry.add_argument("overrides", nargs="*", help="hydra overrides, as given to python -m verl.trainer.main_ppo")
     commands.add_parser("config-reference", help="print every configuration key, its default and allowed values")
+    commands.add_parser("metrics-reference", help="print every reported metric and what it means")
     model_path = commands.add_parser("model-path", help="print the local directory of a model (converts the default)")
     model_path.add_argument("--model", default="default")
     return parser
@@ -91,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
             from verl_efficientrollout.config_reference import reference_markdown
 
             print(reference_markdown())
+            return 0
+        if args.command == "verl-dry-run":
+            from verl_efficientrollout.verl_adapter.dry_run import dry_run
+
+            report = dry_run(args.overrides)
+            print(report.format())
+            if args.save is not None:
+                from omegaconf import OmegaConf
+
+                OmegaConf.save(report.config, args.save)
+            return 0
+        if args.command == "metrics-reference":
+            from verl_efficientrollout.metrics import metrics_markdown
+
+            print(metrics_markdown())
             return 0
         if args.command == "model-path":
             from verl_efficientrollout.models import resolve_model

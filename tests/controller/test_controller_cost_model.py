@@ -59,7 +59,15 @@ def test_refinement_moves_the_factor_toward_measured_over_predicted():
     assert all(a < b < 2.0 for a, b in zip(factors, factors[1:]))
     assert factors[-1] == pytest.approx(2.0, rel=0.01)
     assert model.target_time(3, 512) == pytest.approx(model.factor("target", 2) * model.profile.target.time(3, 512))
-    assert model.factor("target", 4) == 1.0 and model.factor("verify", 2) == 1.0  # other buckets and kinds untouched
+    assert model.factor("target", 4) == 1.0  # other buckets untouched
+    # Draft and verify forwards not measured yet keep the profile's ratio to the target step ...
+    assert model.factor("verify", 2) == model.factor("draft", 2) == model.factor("target", 2)
+    ratios = model.ratios(2, 512, 4)
+    assert ratios == pytest.approx(CostModel(model.profile).ratios(2, 512, 4))
+    # ... until measured: then from there, on their own.
+    model.observe("verify", 2, 512, model.profile.target.time(2, 512, 5), gamma=4)  # as the bare profile predicts
+    assert model.factor("verify", 2) == pytest.approx(2.0 ** 0.9, rel=0.01)
+    assert model.factor("target", 2) == pytest.approx(2.0, rel=0.01)
 
 
 def test_refinement_rate_zero_keeps_the_profile():

@@ -1,6 +1,7 @@
 """The real veRL stack on CPU, in a local Ray with no GPUs: verl's LLMServerManager launches our
 replica, verl's agent loop (single turn) drives our server, and the worker-side adapter streams a
-policy update to it as verl's checkpoint engine hands it over (a name -> tensor generator)."""
+policy update to it as verl's checkpoint engine hands it over (a name -> tensor generator); then
+examples/grpo/cpu_grpo.py trains two GRPO steps through the same stack."""
 
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ def servers(ray_cluster, trainer_config):
     return LLMServerManager.create(trainer_config)
 
 
+@pytest.fixture(scope="module")
+def agents(servers, trainer_config):
+    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
+
+    return AgentLoopManager.create(trainer_config, llm_client=servers.get_client())
+
+
 def _batch(questions: list[str], samples: int):
     from verl import DataProto
 
@@ -72,9 +80,9 @@ def _spec_metrics(output) -> dict:
                                        batch["spec_num_verify_steps"])
 
 
-def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, trainer_config, default_model_dir):
+def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, agents, trainer_config,
+                                                                     default_model_dir):
     import ray
-    from verl.experimental.agent_loop.agent_loop import AgentLoopManager
     from verl.workers.config import HFModelConfig
     from verl.workers.rollout.base import get_rollout_class
 
@@ -85,7 +93,6 @@ def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, tr
     from verl_efficientrollout.verl_adapter.rollout import EfficientReplica
 
     assert isinstance(servers.get_replicas()[0], EfficientReplica)
-    agents = AgentLoopManager.create(trainer_config, llm_client=servers.get_client())
     batch = _batch([p.question for p in math_problems()[:4]], samples=2)
 
     output = agents.generate_sequences(batch)  # verl's agent loop -> router -> our server
@@ -134,3 +141,25 @@ def _stale_acceptance(engine, trainer_config, batch) -> float:
     result = engine.generate(requests, seed=0, controller=Controller(ControllerConfig.preset("sd-always", gamma=4)))
     drafted = sum(o.num_draft_tokens for o in result.outputs)
     return sum(o.num_accepted_tokens for o in result.outputs) / drafted
+
+
+def test_cpu_grpo_example_rebuilds_the_drafter_and_serves_each_updated_policy(servers, agents, default_model_dir,
+                                                                              load_example):
+    grpo = load_example("grpo/cpu_grpo.py")
+    args = grpo.parse_args(["--steps", "2", "--prompts", "2", "--samples", "4", "--reward", "digits", "--lr", "1e-4"])
+    steps = grpo.train(args, agents, servers.get_replicas()[0].config, default_model_dir)
+    assert steps[1].weights_version == steps[0].weights_version + 1, steps  # synced after each step
+    assert steps[0].weight_change > 0, steps  # a real gradient step (the digit share differs within a group)
+    assert all(s.drafter_build_seconds > 0 for s in steps), steps
+    # Step 1 rolled out the previous test's noisy policy; step 2 the weights step 1 pushed: the trainer's
+    # log-probs match the server's, and the drafter rebuilt from them (int4-asym-g32) is accepted as usual.
+    assert steps[1].logprob_gap < 1e-3 < steps[0].logprob_gap, steps
+    assert steps[1].accept_rate > 0.8, steps
+
+
+def test_cpu_grpo_reward_is_correctness_with_a_small_credit_for_a_well_formed_answer(load_example):
+    reward = load_example("grpo/cpu_grpo.py").reward
+    assert reward("3 + 4 = 7. The answer is 7.", "7") == 1.0
+    assert reward("The answer is 1,200.", "1200") == 1.0
+    assert reward("The answer is 8.", "7") == 0.1
+    assert reward("I think 7", "7") == 0.0

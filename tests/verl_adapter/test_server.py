@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from verl_efficientrollout.bench import policy_update
+from verl_efficientrollout.metrics import ROLLOUT_SUMMARY, SERVER_BATCH, VERL_REQUEST, WEIGHT_UPDATE
 from verl_efficientrollout.verl_adapter.server import EfficientServer
 
 pytestmark = pytest.mark.model
@@ -54,6 +55,9 @@ def test_concurrent_generate_calls_decode_as_one_batch_with_verl_outputs(engine,
         assert fields["spec_num_verify_steps"] >= 1  # sd-always speculates from the first step
         assert 0 <= fields["spec_num_accepted_tokens"] <= fields["spec_num_draft_tokens"]
     assert metrics[0]["speculated_share"] == 1.0 and metrics[0]["acceptance_per_position"]
+    # The metrics reference (README) documents exactly what is reported.
+    assert set(metrics[0]) == set(ROLLOUT_SUMMARY) | set(SERVER_BATCH)
+    assert all(set(o.extra_fields) == set(VERL_REQUEST) for o in outputs)
 
 
 def test_greedy_outputs_match_plain_decoding_of_the_engine(engine, default_model_dir, make_settings, chat_prompts):
@@ -159,6 +163,7 @@ def test_weight_update_is_all_or_nothing_and_rebuilds_the_drafter(default_model_
         stale = engine.drafter
         report = await server.commit_weights(global_steps=2)
         assert report["weights_version"] == 1 and report["drafter_build_seconds"] > 0
+        assert set(report) == set(WEIGHT_UPDATE)
         assert engine.drafter is not stale and engine.drafter.report.weights_version == 1
         assert all(torch.equal(state[n], t) for n, t in engine.target.hf_state_dict().items())
         after = await server.generate(prompt_ids=prompt, sampling_params={"temperature": 0.0, "max_tokens": 8},

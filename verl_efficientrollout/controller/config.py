@@ -65,7 +65,7 @@ class ControllerConfig:
     ladder_down: float = 0.85
     ladder_patience: int = 2
     refine_rate: float = 0.1
-    profile: str = "cpu-smollm2-135m"
+    profile: str = "cpu-smollm2-135m-fp32"
 
     def __post_init__(self) -> None:
         o = _OWNER

@@ -193,7 +193,8 @@ def batch_bucket(batch: int) -> int:
 class CostModel:
     """A ``CostProfile`` plus online correction from measured step times.
 
-    Each prediction is multiplied by a factor per (kind, power-of-two batch bucket).
+    Each prediction is multiplied by a factor per (kind, power-of-two batch bucket); a kind not
+    yet measured in a bucket uses the target's factor there.
     ``observe`` moves that factor toward measured / predicted by ``refine_rate`` in log space
     (a geometric running mean, so a measurement 2x too slow and one 2x too fast cancel); a
     single ratio is clipped to [0.1, 10] so one outlier (a compile, a GC pause) cannot wreck it.
@@ -206,7 +207,16 @@ class CostModel:
         self._log_factor: dict[tuple[str, int], float] = {}
 
     def factor(self, kind: str, batch: int) -> float:
-        return math.exp(self._log_factor.get((kind, batch_bucket(batch)), 0.0))
+        return math.exp(self._log(kind, batch_bucket(batch)))
+
+    def _log(self, kind: str, bucket: int) -> float:
+        """A draft or verify forward not measured yet in this bucket takes the target's factor:
+        its ratio to the target step stays the profile's until measured (correcting the target
+        alone would otherwise make speculation look cheaper or dearer than it is)."""
+        log = self._log_factor.get((kind, bucket))
+        if log is None and kind != "target":
+            log = self._log_factor.get(("target", bucket))
+        return log or 0.0
 
     def _raw(self, kind: str, batch: int, total_context: int, gamma: int) -> float:
         if kind == "target":
@@ -253,5 +263,5 @@ class CostModel:
             return
         ratio = min(max(seconds / self._raw(kind, batch, total_context, gamma), 0.1), 10.0)
         key = (kind, batch_bucket(batch))
-        old = self._log_factor.get(key, 0.0)
+        old = self._log(*key)
         self._log_factor[key] = old + self.refine_rate * (math.log(ratio) - old)

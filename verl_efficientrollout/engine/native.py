@@ -15,6 +15,7 @@ Data path of one ``generate`` call (a rollout batch: prompts x samples):
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -73,29 +74,55 @@ class NativeEngine:
     # ---------------------------------------------------------------- weights
 
     def _build_drafter(self) -> Drafter | None:
+        """The int4 drafter of the current weights, or None (plain decoding, one warning) if the
+        build fails for any reason: a drafter problem never stops a rollout or a weight update."""
         try:
             return build_drafter(self.target, self.config.drafter, self.weights_version)
         except DrafterBuildError as exc:
             logger.warning("no drafter, decoding without speculation: %s", exc)
-            return None
+        except Exception as exc:  # torchao / kernel errors: same fallback, say what it was
+            logger.warning("no drafter, decoding without speculation until the next weight update: drafter build "
+                           "failed with %s: %s", type(exc).__name__, exc)
+        return None
+
+    def _disable_drafter(self, reason: str) -> None:
+        """Stop speculating on this engine until the next weight update rebuilds the drafter."""
+        logger.warning("speculation switched off for this engine until the next weight update: %s", reason)
+        self.drafter = None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a complete set of new target weights (HF names, as veRL sends them), then rebuild
         the drafter. Incomplete, unknown or mis-shaped updates raise ``ValueError`` and the
         previous weights keep serving."""
-        state = dict(named_tensors)
+        try:
+            state = dict(named_tensors)  # the whole set first: a stream that fails half-way changes nothing
+        except Exception as exc:
+            raise ValueError(f"weight update rejected: the weight stream failed after some tensors ({type(exc).__name__}: "
+                             f"{exc}); the previous weights keep serving") from exc
         unknown = sorted(set(state) - set(self.weight_shapes) - {"lm_head.weight"})
         missing = sorted(set(self.weight_shapes) - set(state))
         if unknown or missing:
             raise ValueError(f"weight update rejected: missing {missing[:3]} ({len(missing)}), "
                              f"unknown {unknown[:3]} ({len(unknown)}); the previous weights keep serving")
         for name, shape in self.weight_shapes.items():
-            if tuple(state[name].shape) != shape:
-                raise ValueError(f"weight update rejected: {name} has shape {tuple(state[name].shape)}, "
+            tensor = state[name]
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"weight update rejected: {name} has dtype {kind}, expected a floating-point tensor "
+                                 f"(float32, bfloat16, float16); the previous weights keep serving")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"weight update rejected: {name} has shape {tuple(tensor.shape)}, "
                                  f"expected {shape}; the previous weights keep serving")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"weight update rejected: {name} holds NaN or inf values; the previous weights "
+                                 "keep serving")
         param = self.target.embed_tokens.weight
         self.target.load_hf_state_dict(state, dtype=param.dtype, device=param.device)
         self.weights_version += 1
+        # The old drafter sits in reference cycles (torchao's tensor subclasses): collect it now, before
+        # the new one is built, not at some later full GC (a drafter's worth of memory per update otherwise).
+        self.drafter = None
+        gc.collect()
         self.drafter = self._build_drafter()
 
     # ---------------------------------------------------------------- generation
@@ -182,11 +209,16 @@ class NativeEngine:
                 decision = Decision(False, 0, decision.predicted_speedup, "no drafter")
             step_start = clock(device)
             params = (temperature[active], top_k[active], top_p[active])
+            drafted_step = None
             if decision.speculate:
                 num_draft = (budget[active] - produced[active] - 1).clamp(min=0, max=decision.gamma)
-                new_tokens, num_accepted, target_logits, draft_s, verify_s = self._speculative_step(
+                drafted_step = self._speculative_step(
                     cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
                 )
+                if drafted_step is None:  # the drafter produced NaN/inf: this step and the rest go plain
+                    decision = Decision(False, 0, decision.predicted_speedup, "drafter fault")
+            if drafted_step is not None:
+                new_tokens, num_accepted, target_logits, draft_s, verify_s = drafted_step
                 row_drafts, row_accepted = num_draft.tolist(), num_accepted.tolist()
                 for row, drafts, accepted_tokens in zip(active.tolist(), row_drafts, row_accepted):
                     if drafts:
@@ -304,11 +336,15 @@ class NativeEngine:
         return logits
 
     def _speculative_step(self, cache, slots, lengths, last, num_draft, gamma, params, generator):
-        """Draft ``gamma`` tokens on the shared cache, verify them in one target forward, accept."""
+        """Draft ``gamma`` tokens on the shared cache, verify them in one target forward, accept.
+        Returns None, having switched speculation off, if the drafter's logits are not finite."""
         draft_start = clock(last.device)
         token, draft_tokens, draft_probs = last, [], []
         for i in range(gamma):
-            logits = self.drafter.module(token[:, None], (lengths + i)[:, None], cache, slots)[:, 0]
+            logits = self.drafter.module(token[:, None], (lengths + i)[:, None], cache, slots)[:, 0]  # [batch, vocab]
+            if not bool(torch.isfinite(logits).all()):  # its KV writes sit past the committed length: harmless
+                self._disable_drafter(f"the drafter ({self.drafter.report.recipe}) produced NaN or inf logits")
+                return None
             probs = logits_to_probs(logits, *params)  # [batch, vocab]
             token = sample(probs, generator)
             draft_tokens.append(token)

@@ -45,6 +45,15 @@ def register() -> None:
     replica.RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica)
 
 
+def known_rollouts(mode: str = "async") -> tuple[str, ...]:
+    """Rollout names verl resolves for ``mode`` on both sides (worker class and replica), without
+    importing any backend (that would import vLLM or SGLang)."""
+    from verl.workers.rollout import base, replica
+
+    return tuple(sorted(name for name, m in base._ROLLOUT_REGISTRY if m == mode
+                        and name in replica.RolloutReplicaRegistry._registry))
+
+
 def is_registered() -> bool:
     from verl.workers.rollout import base, replica
 

@@ -86,6 +86,7 @@ class EfficientServerAdapter(BaseRollout):
             return None
         mb = getattr(getattr(self.config, "checkpoint_engine", None), "update_weights_bucket_megabytes", None)
         limit = (mb << 20) if mb else BUCKET_BYTES_DEFAULT
+        await server.begin_weights.remote()  # an earlier update that failed half-way leaves nothing behind
         bucket, size = [], 0
         for name, tensor in weights:
             tensor = tensor.detach().to("cpu", copy=True)  # the sender may reuse its buffers

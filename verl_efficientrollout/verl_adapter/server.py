@@ -125,6 +125,12 @@ class EfficientServer:
 
     # ------------------------------------------------------------------ weights
 
+    async def begin_weights(self) -> None:
+        """Start a new update: drop whatever an earlier, interrupted update left buffered."""
+        if self._pending_weights:
+            logger.warning("discarding %d buffered tensors of an interrupted weight update", len(self._pending_weights))
+        self._pending_weights = {}
+
     async def receive_weights(self, bucket: list[tuple[str, Any]]) -> int:
         """Buffer one bucket of (HF name, tensor); nothing serves them before ``commit_weights``."""
         for name, tensor in bucket:
