@@ -6,12 +6,13 @@ Each cycle sends a burst of concurrent ``generate`` calls (random prompts, lengt
 parameters, some of them invalid on purpose), aborts every third rollout half-way and resumes,
 then pushes a weight update through ``begin/receive/commit_weights`` (every fourth one broken:
 a missing tensor, a NaN, or a stream cut half-way), and once poisons the drafter's logits with
-NaN. After every cycle it checks that every request was answered (tokens, ``aborted`` or its
-own error), that nothing is left queued or buffered, that the speculation counters add up
-(per request and per batch: accepted <= drafted, accepted + rejected <= drafted, one
-rejection at most per row and step) and that the weights version moved
-exactly by the good updates. It reports cycles, faults, requests, and the process's resident
-memory after the first cycle and at the end, and the largest KV cache a rollout held. ``tests/verl_adapter/test_soak.py``
+NaN (the drafter must be off after that rollout and back after the next good update). After
+every cycle it checks that every request was answered (tokens, ``aborted`` or its own error),
+that nothing is left queued or buffered, that the speculation counters add up (per request and
+per batch: accepted <= drafted, accepted + rejected <= drafted, one rejection at most per row
+and step) and that the weights version moved exactly by the good updates. It reports cycles,
+faults, requests, the process's resident memory and live tensor memory after the first cycle
+and at the end, and the largest KV cache a rollout held. ``tests/verl_adapter/test_soak.py``
 runs it for a few seconds on a small seeded model.
 """
 
@@ -44,7 +45,7 @@ class SoakReport:
     weight_updates: int = 0
     rejected_updates: int = 0  # missing tensor or NaN: refused, previous weights kept
     interrupted_updates: int = 0  # stream cut half-way, then sent again in full
-    drafter_faults: int = 0
+    drafter_faults: int = 0  # NaN draft logits that fired (speculation switched off, then rebuilt)
     decode_steps: int = 0
     speculated_steps: int = 0
     drafted_tokens: int = 0
@@ -122,16 +123,16 @@ async def _cycle(server, engine, states, rng: random.Random, cycle: int, report:
     count = rng.randint(1, 16)
     bad = {rng.randrange(count): rng.choice(["empty", "too-long", "temperature", "unknown-key"])} if cycle % 2 else {}
     calls = [_request(rng, vocab, max_model_len, bad.get(i)) for i in range(count)]
-    if poison and engine.drafter is not None:  # the drafter starts producing NaN mid-rollout
-        module, seen = engine.drafter.module, {"n": 0}
+    seen = {"n": 0}
+    if poison and engine.drafter is not None:  # the drafter's logits turn NaN from its third call on
+        module = engine.drafter.module
 
-        def nan_after_three(*args, **kwargs):
+        def nan_after_two(*args, **kwargs):
             seen["n"] += 1
             logits = type(module).forward(module, *args, **kwargs)
-            return logits if seen["n"] <= 3 else torch.full_like(logits, float("nan"))
+            return logits if seen["n"] <= 2 else torch.full_like(logits, float("nan"))
 
-        module.forward = nan_after_three
-        report.drafter_faults += 1
+        module.forward = nan_after_two
     tasks = [asyncio.create_task(server.generate(prompt_ids=p, sampling_params=s, request_id=f"{cycle}-{i}"))
              for i, (p, s) in enumerate(calls)]
     if cycle % 3 == 2:  # abort half-way, then resume
@@ -140,6 +141,10 @@ async def _cycle(server, engine, states, rng: random.Random, cycle: int, report:
         await server.resume_generation()
     outputs = await asyncio.gather(*tasks, return_exceptions=True)
     report.kv_mib_max = max(report.kv_mib_max, kv_mib(engine))
+    if seen["n"] > 2:  # the fault fired (the controller speculated enough): speculation must now be off
+        report.drafter_faults += 1
+        if engine.drafter is not None:
+            report.problems.append(f"cycle {cycle}: the drafter produced NaN and is still in use")
     metrics = await server.get_metrics()
     report.requests += count
     drafted = accepted = 0
@@ -202,6 +207,8 @@ async def _cycle(server, engine, states, rng: random.Random, cycle: int, report:
             report.problems.append(f"cycle {cycle}: a {fault} update was accepted")
         if engine.weights_version != version + 1:
             report.problems.append(f"cycle {cycle}: weights version {engine.weights_version} after one update")
+        if engine.drafter is None:
+            report.problems.append(f"cycle {cycle}: no drafter after a good update (it must be rebuilt)")
     except ValueError:
         report.rejected_updates += 1
         if fault is None:
@@ -224,7 +231,8 @@ async def _soak(server, engine, seconds: float, max_cycles: int, seed: int) -> S
     start = time.perf_counter()
     cycle = 0
     while cycle < max_cycles and (cycle < 2 or time.perf_counter() - start < seconds):
-        await _cycle(server, engine, states, rng, cycle, report, poison=cycle == 5)
+        poison = cycle >= 5 and report.drafter_faults == 0  # once, in the first cycle that speculates enough
+        await _cycle(server, engine, states, rng, cycle, report, poison)
         report.rss_mib_cycles.append(round(rss_mib(), 1))
         if cycle == 0:
             report.rss_mib_first_cycle, report.tensor_mib_first_cycle = rss_mib(), tensor_mib()
