@@ -38,17 +38,14 @@ def gsm8k_row(example: dict, split: str, index: int) -> dict:
 
 
 def boxed_answer(solution: str) -> str:
-    """The content of the last ``\\boxed{...}`` in a MATH solution (braces balanced)."""
-    start = solution.rfind("\\boxed")
-    if start < 0:
+    """The last ``\\boxed{...}`` of a MATH solution, extracted by verl's own MATH scorer code (so the
+    ground truth is what that scorer will compare against)."""
+    from verl.utils.reward_score.math_reward import last_boxed_only_string, remove_boxed
+
+    boxed = last_boxed_only_string(solution)
+    if boxed is None:
         raise ValueError("no \\boxed{} in the solution")
-    i = solution.index("{", start)
-    depth = 0
-    for j in range(i, len(solution)):
-        depth += {"{": 1, "}": -1}.get(solution[j], 0)
-        if depth == 0:
-            return solution[i + 1 : j]
-    raise ValueError("unbalanced braces after \\boxed")
+    return remove_boxed(boxed)
 
 
 def math_row(example: dict, split: str, index: int) -> dict:

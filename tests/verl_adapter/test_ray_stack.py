@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,22 +28,20 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def trainer_config(default_model_dir):
-    import verl
-    from hydra import compose, initialize_config_dir
+    from verl_efficientrollout.verl_adapter.dry_run import compose_trainer_config
 
-    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
-        return compose(config_name="ppo_trainer", overrides=[
-            "algorithm.adv_estimator=grpo",
-            "actor_rollout_ref.rollout.name=efficient",
-            f"actor_rollout_ref.model.path={default_model_dir}",
-            "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-            "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
-            "actor_rollout_ref.rollout.agent.num_workers=1",
-            "actor_rollout_ref.rollout.prompt_length=256", "actor_rollout_ref.rollout.response_length=48",
-            "actor_rollout_ref.rollout.calculate_log_probs=true",
-            "+actor_rollout_ref.rollout.custom={efficient: {drafter: int4-g32, "
-            "controller: {preset: sd-always, gamma: 4}, native: {dtype: float32, device: cpu}}}",
-        ])
+    return compose_trainer_config([
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.rollout.name=efficient",
+        f"actor_rollout_ref.model.path={default_model_dir}",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        "actor_rollout_ref.rollout.prompt_length=256", "actor_rollout_ref.rollout.response_length=48",
+        "actor_rollout_ref.rollout.calculate_log_probs=true",
+        "+actor_rollout_ref.rollout.custom={efficient: {drafter: int4-g32, "
+        "controller: {preset: sd-always, gamma: 4}, native: {dtype: float32, device: cpu}}}",
+    ])
 
 
 @pytest.fixture(scope="module")
