@@ -64,3 +64,10 @@ def test_bench_runs_every_mode_side_by_side_and_writes_json_and_png(tmp_path):
     (update,) = report["stale_vs_rebuilt"]
     assert 0.0 <= update["stale_drafter"] <= 1.0 and 0.0 <= update["rebuilt_drafter"] <= 1.0
     assert "oracle bound" in format_bench(report)
+
+
+def test_oracle_bound_never_exceeds_plain_decoding_when_rows_end_inside_a_speculative_step():
+    # Per step, gamma 8 at acceptance 0.95 pays about 3.6x here, but a one-token response gains
+    # one token from a 1.88 s speculative step against 1 s of plain decoding.
+    cheap = _flat_costs(target=1.0, draft=0.1, verify_per_token=0.01)
+    assert oracle_bound([10], [1], 0.95, cheap) == pytest.approx(1.0)

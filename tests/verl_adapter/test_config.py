@@ -47,6 +47,18 @@ def test_without_custom_section_the_defaults_follow_verl_settings():
     assert config.native.device == "auto"
 
 
+def test_engine_vllm_takes_verls_rollout_settings_unless_its_own_section_sets_them():
+    from verl_efficientrollout.verl_adapter.config import server_settings
+
+    rollout = compose("+actor_rollout_ref.rollout.custom={efficient: {engine: vllm, vllm: {max_num_seqs: 8}}}",
+                      "actor_rollout_ref.rollout.gpu_memory_utilization=0.4", "actor_rollout_ref.rollout.prompt_length=100",
+                      "actor_rollout_ref.rollout.response_length=300")
+    settings = server_settings(rollout, "/m")
+    v = settings.efficient.vllm
+    assert settings.efficient.engine == "vllm" and v.dtype == "bfloat16" and v.gpu_memory_utilization == 0.4
+    assert v.max_num_seqs == 8 and v.max_model_len == 400 == settings.max_model_len
+
+
 @pytest.mark.parametrize("custom, field", [
     ("{efficient: {drafter: {recipe: int4, group_size: 48}}}", "group_size"),
     ("{efficient: {drafter: int3-g32}}", "drafter recipe"),
@@ -54,7 +66,7 @@ def test_without_custom_section_the_defaults_follow_verl_settings():
     ("{efficient: {gamma: 4}}", "unknown keys"),
     ("{efficient: {native: {dtype: int8}}}", "dtype"),
     ("{efficient: {engine: tensorrt}}", "engine"),
-    ("{efficient: {engine: vllm}}", "engine must be 'native'"),
+    ("{efficient: {engine: vllm, vllm: {gpu_memory_utilization: 1.5}}}", "gpu_memory_utilization"),
 ])
 def test_bad_overrides_fail_when_the_config_is_built_naming_the_field(custom, field):
     from verl_efficientrollout.verl_adapter.config import efficient_config

@@ -31,6 +31,10 @@ def dry_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[str, Path]]:
             running[script.stem, mode] = (save, subprocess.Popen(
                 ["bash", str(script), mode], env={**env, "DRY_RUN_SAVE": str(save)},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    save = folder / "gsm8k-efficient-vllm.yaml"
+    running[SCRIPTS[0].stem, "efficient, engine vllm"] = (save, subprocess.Popen(
+        ["bash", str(SCRIPTS[0]), "efficient"], env={**env, "DRY_RUN_SAVE": str(save), "ENGINE": "vllm"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
     for key, (save, process) in running.items():
         out, err = process.communicate(timeout=300)
@@ -74,6 +78,11 @@ def test_grpo_script_and_its_ar_twin_compose_and_differ_only_in_the_rollout(scri
               if _mask_mode(configs[0].get(k)) != _mask_mode(configs[1].get(k))}
     assert differ and {k.split(".efficient")[0] for k in differ} <= ROLLOUT_KEYS, differ
     assert configs[0]["actor_rollout_ref.rollout.temperature"] == 1.0
+
+
+def test_engine_vllm_composes_with_verls_rollout_settings_for_the_vllm_backend(dry_runs):
+    out, _ = dry_runs[SCRIPTS[0].stem, "efficient, engine vllm"]
+    assert "engine: vllm" in out and "gpu_memory_utilization=0.5" in out and "max_num_seqs=" in out
 
 
 def test_grpo_script_without_a_mode_prints_its_usage():

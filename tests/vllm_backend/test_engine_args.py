@@ -20,7 +20,7 @@ def test_plain_decoding_has_no_speculative_config():
 
 def test_fixed_gamma_drafts_with_the_targets_own_checkpoint_quantized_by_our_method():
     args = engine_args("/m", config(preset="sd-always", gamma=5))
-    assert args["per_request_spec_decode_metrics"] == "detailed"
+    assert args["per_request_spec_decode_metrics"] == "detailed" and args["disable_log_stats"] is False
     spec = args["speculative_config"]
     assert spec == {"method": "draft_model", "model": "/m", "quantization": "efficient_int4_g64",
                     "num_speculative_tokens": 5, "draft_sample_method": "probabilistic"}

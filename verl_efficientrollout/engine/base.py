@@ -121,9 +121,17 @@ class RolloutEngine(Protocol):
     """What the veRL adapter and the benchmark need from an engine."""
 
     weights_version: int
+    drafter_recipe: str | None  # None: this engine decodes plain (no drafter, or it failed)
+    drafter_build_seconds: float | None  # of the last drafter build or refresh
+
+    def check_request(self, request: Request) -> str | None: ...
 
     def generate(
-        self, requests: Sequence[Request], seed: int = 0, should_abort: Callable[[], bool] | None = None
+        self, requests: Sequence[Request], seed: int = 0, controller: Any = None,
+        should_abort: Callable[[], bool] | None = None,
     ) -> RolloutResult: ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None: ...
+    def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """All or nothing: a bad set raises ``ValueError`` and the previous weights keep serving."""
+
+    def release_kv_cache(self) -> None: ...

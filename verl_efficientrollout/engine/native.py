@@ -29,6 +29,7 @@ from verl_efficientrollout.controller import Controller, Decision, EngineState, 
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
 from verl_efficientrollout.engine.model import DecoderLM, KVCache
+from verl_efficientrollout.engine.weights import collect_weight_update
 from verl_efficientrollout.models import load_target, torch_dtype
 from verl_efficientrollout.rejection import rejection_sample
 from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors, token_logprobs
@@ -85,6 +86,15 @@ class NativeEngine:
                            "failed with %s: %s", type(exc).__name__, exc)
         return None
 
+    @property
+    def drafter_recipe(self) -> str | None:
+        """The serving drafter's recipe (``int4-asym-g32``, ...), or None while decoding plain."""
+        return self.drafter.report.recipe if self.drafter is not None else None
+
+    @property
+    def drafter_build_seconds(self) -> float | None:
+        return self.drafter.report.build_seconds if self.drafter is not None else None
+
     def _disable_drafter(self, reason: str) -> None:
         """Stop speculating on this engine until the next weight update rebuilds the drafter."""
         logger.warning("speculation switched off for this engine until the next weight update: %s", reason)
@@ -94,28 +104,7 @@ class NativeEngine:
         """Load a complete set of new target weights (HF names, as veRL sends them), then rebuild
         the drafter. Incomplete, unknown or mis-shaped updates raise ``ValueError`` and the
         previous weights keep serving."""
-        try:
-            state = dict(named_tensors)  # the whole set first: a stream that fails half-way changes nothing
-        except Exception as exc:
-            raise ValueError(f"weight update rejected: the weight stream failed after some tensors ({type(exc).__name__}: "
-                             f"{exc}); the previous weights keep serving") from exc
-        unknown = sorted(set(state) - set(self.weight_shapes) - {"lm_head.weight"})
-        missing = sorted(set(self.weight_shapes) - set(state))
-        if unknown or missing:
-            raise ValueError(f"weight update rejected: missing {missing[:3]} ({len(missing)}), "
-                             f"unknown {unknown[:3]} ({len(unknown)}); the previous weights keep serving")
-        for name, shape in self.weight_shapes.items():
-            tensor = state[name]
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise ValueError(f"weight update rejected: {name} has dtype {kind}, expected a floating-point tensor "
-                                 f"(float32, bfloat16, float16); the previous weights keep serving")
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"weight update rejected: {name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {shape}; the previous weights keep serving")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"weight update rejected: {name} holds NaN or inf values; the previous weights "
-                                 "keep serving")
+        state = collect_weight_update(named_tensors, self.weight_shapes)
         param = self.target.embed_tokens.weight
         self.target.load_hf_state_dict(state, dtype=param.dtype, device=param.device)
         self.weights_version += 1

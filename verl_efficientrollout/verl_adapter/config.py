@@ -41,7 +41,8 @@ class ServerSettings:
 
     @property
     def max_model_len(self) -> int:
-        return self.efficient.native.max_model_len
+        engine = self.efficient.vllm if self.efficient.engine == "vllm" else self.efficient.native
+        return engine.max_model_len
 
 
 def _plain(value: Any) -> Any:
@@ -68,23 +69,28 @@ def efficient_config(rollout_config) -> EfficientRolloutConfig:
     if not isinstance(section, dict):
         raise ValueError(f"{FIELD} must be a mapping, got {type(section).__name__}")
     section = dict(section)
+    max_model_len = rollout_config.max_model_len or rollout_config.prompt_length + rollout_config.response_length
+    # verl's rollout settings unless ours say otherwise
     native = dict(section.get("native") or {})
-    native.setdefault("dtype", rollout_config.dtype)  # verl's rollout dtype unless ours says otherwise
+    native.setdefault("dtype", rollout_config.dtype)
     native.setdefault("device", "auto")
-    native.setdefault("max_model_len", rollout_config.max_model_len
-                      or rollout_config.prompt_length + rollout_config.response_length)
+    native.setdefault("max_model_len", max_model_len)
     section["native"] = native
+    vllm = dict(section.get("vllm") or {})
+    vllm.setdefault("dtype", rollout_config.dtype)
+    vllm.setdefault("max_model_len", max_model_len)
+    vllm.setdefault("max_num_seqs", rollout_config.max_num_seqs)
+    vllm.setdefault("gpu_memory_utilization", rollout_config.gpu_memory_utilization)
+    section["vllm"] = vllm
     try:
         config = EfficientRolloutConfig.from_dict(section)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{FIELD}: {exc}") from exc
-    if config.engine != "native":
-        raise ValueError(f"{FIELD}.engine must be 'native' under veRL for now (the vLLM backend is not wired "
-                         f"into the rollout server yet), got {config.engine!r}")
     tp = rollout_config.tensor_model_parallel_size
-    if config.engine == "native" and tp != 1:
-        logger.warning("engine native serves each replica on one device; the other %d device(s) of each replica "
-                       "(actor_rollout_ref.rollout.tensor_model_parallel_size=%d) stay idle: set it to 1", tp - 1, tp)
+    if tp != 1:
+        logger.warning("engine %s serves each replica on one device; the other %d device(s) of each replica "
+                       "(actor_rollout_ref.rollout.tensor_model_parallel_size=%d) stay idle: set it to 1",
+                       config.engine, tp - 1, tp)
     return config
 
 

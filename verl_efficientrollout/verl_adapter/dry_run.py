@@ -13,6 +13,7 @@ but their absence only warns (a CI machine has none of them).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,16 @@ def dry_run(overrides: Sequence[str]) -> DryRunReport:
         RolloutReplicaRegistry.get(rollout.name)  # verl's workers and driver will
         settings = efficient_config(rollout)  # ValueError naming the field
         efficient = {"engine": settings.engine, "drafter": settings.drafter.name,
-                     "controller": _controller_summary(settings.controller),
-                     "native": f"dtype={settings.native.dtype} device={settings.native.device} "
-                               f"max_model_len={settings.native.max_model_len}"}
+                     "controller": _controller_summary(settings.controller)}
+        if settings.engine == "vllm":
+            v = settings.vllm
+            efficient["vllm"] = (f"dtype={v.dtype} max_model_len={v.max_model_len} max_num_seqs={v.max_num_seqs} "
+                                 f"gpu_memory_utilization={v.gpu_memory_utilization} enforce_eager={v.enforce_eager}")
+            if importlib.util.find_spec("vllm") is None:
+                warnings.append("engine vllm: vLLM is not installed here (the rollout servers need it)")
+        else:
+            efficient["native"] = (f"dtype={settings.native.dtype} device={settings.native.device} "
+                                   f"max_model_len={settings.native.max_model_len}")
         try:
             load_profile(settings.controller.profile)
         except (OSError, ValueError) as exc:

@@ -31,6 +31,19 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "max_new_tokens"
                  "repetition_penalty", "ignore_eos", "seed")
 
 
+def load_engine(settings: ServerSettings):
+    """The engine ``settings.efficient.engine`` names, serving ``settings.model_path``: the native
+    engine, or a ``vllm.LLM`` with the int4 self-drafter (``vllm_backend``)."""
+    efficient = settings.efficient
+    if efficient.engine == "vllm":
+        from verl_efficientrollout.vllm_backend.engine import VLLMEngine
+
+        return VLLMEngine(settings.model_path, efficient, seed=settings.seed)
+    from verl_efficientrollout.engine.native import NativeEngine
+
+    return NativeEngine.load(settings.model_path, efficient)
+
+
 class EfficientServer:
     """One engine behind veRL's generate API. Ray makes it an actor (``ray.remote(EfficientServer)``);
     tests drive it in-process."""
@@ -56,17 +69,12 @@ class EfficientServer:
     # ------------------------------------------------------------------ life cycle
 
     async def launch(self) -> str:
-        """Load the model and build the drafter (call once, before the first generate)."""
-        from verl_efficientrollout.engine.native import NativeEngine
-
+        """Load the model and build the drafter (call once, before the first generate); returns the
+        drafter's recipe ("none" when the engine decodes plain)."""
         self._async_state()
-        efficient = self.settings.efficient
-        if efficient.engine != "native":  # config validation already limits engines to those that exist
-            raise ValueError(f"engine {efficient.engine!r} has no server yet")
         if self.engine is None:
-            self.engine = await asyncio.to_thread(NativeEngine.load, self.settings.model_path, efficient)
-        drafter = self.engine.drafter
-        return drafter.report.recipe if drafter is not None else "none"
+            self.engine = await asyncio.to_thread(load_engine, self.settings)
+        return self.engine.drafter_recipe or "none"
 
     def _async_state(self) -> None:
         if self._wake is None:  # created on the serving event loop
@@ -146,8 +154,7 @@ class EfficientServer:
             await asyncio.to_thread(self.engine.update_weights, pending.items())
             self.engine.release_kv_cache()
             seconds = time.perf_counter() - start
-        drafter = self.engine.drafter
-        self._rebuild_seconds = drafter.report.build_seconds if drafter is not None else None
+        self._rebuild_seconds = self.engine.drafter_build_seconds
         if global_steps is not None:
             self.global_steps = global_steps
         return {"weights_version": self.engine.weights_version, "update_seconds": seconds,

@@ -31,7 +31,9 @@ from verl_efficientrollout.reports import save_report
 from verl_efficientrollout.stats import ks_two_sample
 
 
-def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
+def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: dict | None = None) -> dict:
+    """``engines``: already started ``VLLMEngine``s by mode, used instead of starting those modes'
+    engines (and left running); each must have been built with that mode's controller config."""
     from transformers import AutoTokenizer
 
     from verl_efficientrollout.vllm_backend.compat import vllm_version
@@ -47,7 +49,10 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
     for mode in tqdm(config.modes, desc="vLLM engines"):
         efficient = EfficientRolloutConfig(engine="vllm", drafter=DrafterConfig.from_name(config.drafter),
                                            controller=mode_config(mode, config), vllm=engine_config)
-        engine = VLLMEngine(model, efficient)
+        given = (engines or {}).get(mode)
+        if given is not None and given.config.controller != efficient.controller:
+            raise ValueError(f"the engine given for mode {mode!r} was built with another controller config")
+        engine = given or VLLMEngine(model, efficient)
         try:
             engine.generate(capped(requests, 32), seed=config.seed)
             runs[mode] = []
@@ -55,7 +60,8 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
                 result = engine.generate(requests, seed=config.seed + repeat)
                 runs[mode].append({**result.summary(), "response_lengths": [len(o.token_ids) for o in result.outputs]})
         finally:
-            engine.close()
+            if given is None:
+                engine.close()
 
     ar_lengths = [n for run in runs["ar"] for n in run["response_lengths"]]
     modes = {}

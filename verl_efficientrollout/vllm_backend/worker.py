@@ -12,19 +12,22 @@ class EfficientWorkerExtension:
         drafter through the layerwise reload, which re-runs its online int4 quantization."""
         from safetensors.torch import load_file
 
-        from verl_efficientrollout.vllm_backend.compat import reload_drafter
+        from verl_efficientrollout.vllm_backend.compat import draft_model, reload_drafter
 
         weights = list(load_file(path).items())
         start = time.perf_counter()
         self.model_runner.reload_weights(weights_iterator=iter(weights))
         target_seconds = time.perf_counter() - start
-        drafter_seconds = None
-        drafter = self.model_runner.get_draft_model() if update_drafter else None
+        drafter_seconds, drafter_error = None, None
+        drafter = draft_model(self.model_runner) if update_drafter else None
         if drafter is not None:
             start = time.perf_counter()
-            reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
+            try:
+                reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
+            except Exception as exc:  # reported to the engine, which warns; the target is already updated
+                drafter_error = f"{type(exc).__name__}: {exc}"
             drafter_seconds = time.perf_counter() - start
-        return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds}
+        return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds, "drafter_error": drafter_error}
 
     def efficient_describe(self) -> dict:
         """Type of one decoder linear's weight in the target and in the drafter (int4 check)."""
@@ -36,5 +39,7 @@ class EfficientWorkerExtension:
                     return type(param.data).__name__ if type(param).__name__ == "Parameter" else type(param).__name__
             return None
 
+        from verl_efficientrollout.vllm_backend.compat import draft_model
+
         return {"target": weight_type(self.model_runner.get_model()),
-                "drafter": weight_type(self.model_runner.get_draft_model())}
+                "drafter": weight_type(draft_model(self.model_runner))}

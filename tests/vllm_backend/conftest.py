@@ -1,0 +1,62 @@
+"""Engines shared by the vLLM-tier modules (one start-up each, about 40 s on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from verl_efficientrollout.config import EfficientRolloutConfig
+
+SHARED_GAMMA = 3  # test_vllm_engine.GAMMA
+
+
+def vllm_test_config(**controller) -> EfficientRolloutConfig:
+    """The default model on vLLM with the int4-asym-g32 drafter, short contexts, 16 rows."""
+    return EfficientRolloutConfig.from_dict({"engine": "vllm", "drafter": "int4-g32", "controller": controller,
+                                             "vllm": {"max_model_len": 512, "max_num_seqs": 16}})
+
+
+@pytest.fixture(scope="session")
+def vllm_config():
+    """``vllm_config(**controller)``: an ``EfficientRolloutConfig`` as the shared engines use."""
+    return vllm_test_config
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from verl_efficientrollout.models import default_model_dir
+
+    return str(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def prompts(model_dir) -> list[tuple[int, ...]]:
+    from transformers import AutoTokenizer
+
+    from verl_efficientrollout.data import chat_prompt_ids, math_problems
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[:8]]
+
+
+@pytest.fixture(scope="session")
+def speculative(model_dir, plain):
+    """vLLM with the int4 self-drafter at a fixed K, loaded as veRL's rollout server loads its engine
+    (tests that change its weights restore them). Started after ``plain``: vLLM's process-wide
+    Prometheus registry then holds this engine's counters, until a test starts another engine."""
+    from verl_efficientrollout.verl_adapter.config import ServerSettings
+    from verl_efficientrollout.verl_adapter.server import load_engine
+
+    config = vllm_test_config(preset="sd-always", gamma=SHARED_GAMMA)
+    engine = load_engine(ServerSettings(model_dir, config, prompt_length=256, response_length=256))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def plain(model_dir):
+    """Plain vLLM: the baseline every speculative output is compared with."""
+    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
+
+    engine = VLLMEngine(model_dir, vllm_test_config(preset="ar"))
+    yield engine
+    engine.close()
