@@ -117,3 +117,22 @@ def test_a_weight_update_through_the_server_refreshes_target_and_drafter_and_a_b
     finally:  # the shared engines serve the default model again
         run(_update(server, original_weights, global_steps=2))
         plain.update_weights(original_weights.items())
+
+
+def test_abort_ends_a_running_vllm_batch_with_the_tokens_so_far_and_serving_resumes(server, prompts, run):
+    cap = 400
+
+    async def scenario():
+        await server.launch()
+        long = [Request(p, cap, SamplingParams(1.0), request_id=f"long-{i}") for i, p in enumerate(prompts[:4])]
+        running = [asyncio.create_task(server.submit(r)) for r in long]
+        await asyncio.sleep(4.0)  # prefill and some decode steps
+        await server.abort_all_requests()
+        aborted = await asyncio.gather(*running)
+        await server.resume_generation()
+        return aborted, await _serve(server, _greedy(prompts))
+
+    aborted, after = run(scenario())
+    assert {o.finish_reason for o in aborted} <= {"abort", "stop"} and any(o.finish_reason == "abort" for o in aborted)
+    assert all(len(o.token_ids) < cap for o in aborted)  # ended mid-rollout, not run to the cap
+    assert all(o.finish_reason in ("stop", "length") and o.token_ids for o in after)

