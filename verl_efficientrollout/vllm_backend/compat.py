@@ -204,8 +204,12 @@ def run_requests(llm, prompts: list, params: list, should_abort=None) -> tuple[l
     engine = llm.llm_engine
     call = next(_call_counter)
     ids = [f"efficient-{call}-{i}" for i in range(len(prompts))]
-    for request_id, prompt, param in zip(ids, prompts, params):
-        engine.add_request(request_id, prompt, param)
+    try:
+        for request_id, prompt, param in zip(ids, prompts, params):
+            engine.add_request(request_id, prompt, param)
+    except Exception:  # leave nothing of this call running in the engine
+        engine.abort_request(ids)
+        raise
     latest: dict = {}
     aborted = False
     while engine.has_unfinished_requests():

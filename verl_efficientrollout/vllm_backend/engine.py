@@ -78,15 +78,17 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
     return args
 
 
-def served_weight_shapes(model: str) -> tuple[dict[str, tuple[int, ...]], bool]:
-    """(HF name -> shape of what a weight update must send, tied embeddings?) for ``model`` (a
-    local checkpoint): the checkpoint's tensors, less ``lm_head.weight`` when the embeddings are tied."""
+def served_weight_shapes(model: str) -> tuple[dict[str, tuple[int, ...]], bool, int | None]:
+    """(HF name -> shape of what a weight update must send, tied embeddings?, vocab size) for
+    ``model`` (a local checkpoint): the checkpoint's tensors, less ``lm_head.weight`` when the
+    embeddings are tied."""
     shapes = checkpoint_shapes(model)
-    config = Path(model) / "config.json"
-    tied = config.is_file() and bool(json.loads(config.read_text()).get("tie_word_embeddings", False))
+    config_file = Path(model) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    tied = bool(config.get("tie_word_embeddings", False))
     if tied:
         shapes.pop("lm_head.weight", None)
-    return shapes, tied
+    return shapes, tied, config.get("vocab_size")
 
 
 def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:
@@ -114,7 +116,7 @@ class VLLMEngine:
             os.environ.setdefault(name, value)
         self.speculative = self.config.controller.toggle != "off"
         # what an update must send (checked before vLLM starts)
-        self.weight_shapes, self._tied = served_weight_shapes(model)
+        self.weight_shapes, self._tied, self._vocab_size = served_weight_shapes(model)
         args = supported_engine_args(engine_args(model, self.config, seed))
         # Without per-request metrics (vLLM < 0.32) a rollout's counts come from vLLM's counters.
         self._counters = self.speculative and "per_request_spec_decode_metrics" not in args
@@ -123,7 +125,11 @@ class VLLMEngine:
         self.drafter_build_seconds: float | None = None
 
     def check_request(self, request: Request) -> str | None:
-        return context_error(request, self.config.vllm.max_model_len)
+        """Why this engine cannot serve ``request`` (None if it can)."""
+        error = context_error(request, self.config.vllm.max_model_len)
+        if error is None and self._vocab_size and max(request.prompt_ids) >= self._vocab_size:
+            error = f"prompt token id {max(request.prompt_ids)} >= vocab size {self._vocab_size}"
+        return error
 
     def generate(self, requests: Sequence[Request], seed: int = 0, controller=None,
                  should_abort: Callable[[], bool] | None = None) -> RolloutResult:
