@@ -110,6 +110,14 @@ def context_error(request: Request, max_model_len: int) -> str | None:
     return None
 
 
+def prompt_error(request: Request, max_model_len: int, vocab_size: int | None) -> str | None:
+    """Why an engine of this context length and vocabulary cannot serve ``request`` (None if it can)."""
+    error = context_error(request, max_model_len)
+    if error is None and vocab_size and max(request.prompt_ids) >= vocab_size:
+        error = f"prompt token id {max(request.prompt_ids)} >= vocab size {vocab_size}"
+    return error
+
+
 def add_into(totals: list[int], values: Sequence[int]) -> None:
     """Element-wise ``totals += values``, growing ``totals`` as needed (per-position counts)."""
     totals.extend([0] * (len(values) - len(totals)))

@@ -27,7 +27,7 @@ import torch
 from verl_efficientrollout.config import EfficientRolloutConfig, NativeEngineConfig
 from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
-from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
 from verl_efficientrollout.engine.model import DecoderLM, KVCache
 from verl_efficientrollout.engine.weights import collect_weight_update
 from verl_efficientrollout.models import load_target, torch_dtype
@@ -118,12 +118,7 @@ class NativeEngine:
 
     def check_request(self, request: Request) -> str | None:
         """Why this engine cannot serve ``request`` (None if it can)."""
-        error = context_error(request, self.engine_config.max_model_len)
-        if error:
-            return error
-        if max(request.prompt_ids) >= self.target.args.vocab_size:
-            return f"prompt token id {max(request.prompt_ids)} >= vocab size {self.target.args.vocab_size}"
-        return None
+        return prompt_error(request, self.engine_config.max_model_len, self.target.args.vocab_size)
 
     def generate(
         self, requests: Sequence[Request], seed: int = 0, controller: Controller | None = None,

@@ -194,11 +194,11 @@ def spec_decode_counters(llm) -> tuple[int, list[int]] | None:
 _call_counter = itertools.count()
 
 
-def run_requests(llm, prompts: list, params: list, should_abort=None) -> tuple[list, bool]:
+def run_requests(llm, prompts: list, params: list, should_abort=None) -> list:
     """Run ``prompts`` with ``params`` to completion on ``llm``'s engine, step by step (what
     ``LLM.generate`` does), polling ``should_abort`` between steps; once it returns True every
-    unfinished request is aborted in vLLM. Returns (the last ``RequestOutput`` seen per prompt,
-    in order, with the tokens so far; whether the call was aborted). V1 ``LLMEngine.add_request``
+    unfinished request is aborted in vLLM. Returns the last ``RequestOutput`` seen per prompt, in
+    order, with the tokens so far (None for a prompt aborted before its first token). V1 ``LLMEngine.add_request``
     / ``step`` / ``abort_request``, the same in vLLM 0.24 and 0.32."""
     vllm_version()
     engine = llm.llm_engine
@@ -211,12 +211,10 @@ def run_requests(llm, prompts: list, params: list, should_abort=None) -> tuple[l
         engine.abort_request(ids)
         raise
     latest: dict = {}
-    aborted = False
     while engine.has_unfinished_requests():
         if should_abort is not None and should_abort():
             engine.abort_request([i for i in ids if not (i in latest and latest[i].finished)])
-            aborted = True
             break
         for output in engine.step():
             latest[output.request_id] = output
-    return [latest.get(i) for i in ids], aborted
+    return [latest.get(i) for i in ids]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from verl_efficientrollout.config import EfficientRolloutConfig
-from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, context_error, triage
+from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
 from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.weights import checkpoint_shapes, collect_weight_update
 from verl_efficientrollout.vllm_backend.compat import (
@@ -126,10 +126,7 @@ class VLLMEngine:
 
     def check_request(self, request: Request) -> str | None:
         """Why this engine cannot serve ``request`` (None if it can)."""
-        error = context_error(request, self.config.vllm.max_model_len)
-        if error is None and self._vocab_size and max(request.prompt_ids) >= self._vocab_size:
-            error = f"prompt token id {max(request.prompt_ids)} >= vocab size {self._vocab_size}"
-        return error
+        return prompt_error(request, self.config.vllm.max_model_len, self._vocab_size)
 
     def generate(self, requests: Sequence[Request], seed: int = 0, controller=None,
                  should_abort: Callable[[], bool] | None = None) -> RolloutResult:
@@ -155,7 +152,7 @@ class VLLMEngine:
                     max_tokens=r.max_new_tokens, seed=seed * 1_000_003 + i, logprobs=0 if r.logprobs else None)
                 for i, r in ((i, requests[i]) for i in valid)
             ]
-            finals, _ = run_requests(self.llm, prompts, params, should_abort)
+            finals = run_requests(self.llm, prompts, params, should_abort)
             for i, out in zip(valid, finals):
                 if out is None:  # aborted before its first token
                     outputs[i] = RequestOutput(requests[i].request_id, [], "abort")
