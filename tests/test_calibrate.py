@@ -13,6 +13,9 @@ from verl_efficientrollout.controller import Controller, ControllerConfig, CostM
     ({"dtype": "fp8"}, "CalibrateConfig.dtype must be one of"),
     ({"name": "a/b"}, "CalibrateConfig.name must be a file stem"),
     ({"batches": (1, 4), "contexts": (32, 96)}, "at least 3 step sizes to fit"),
+    ({"engine": "sglang"}, "CalibrateConfig.engine must be one of 'native', 'vllm'"),
+    ({"engine": "vllm", "device": "cuda:1"}, "CalibrateConfig.device must be one of auto, cpu, cuda with engine vllm"),
+    ({"gammas": (2, 9)}, r"CalibrateConfig.gammas must be integers in \[1, 8\]"),
 ])
 def test_bad_calibration_settings_fail_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -34,6 +37,26 @@ def test_validation_counts_a_decision_that_the_prediction_gets_wrong():
     report = validate(model, rows, gammas=(2,))
     assert report["decisions"] == 3 and report["decision_agreement"] == 0.0
     assert report["rows"][1]["error"] > 1000
+
+
+def test_auto_dtype_is_float32_for_the_native_engine_and_bfloat16_for_vllm():
+    assert CalibrateConfig().dtype == "float32"
+    assert CalibrateConfig(engine="vllm").dtype == "bfloat16"
+
+
+def test_validation_of_whole_speculative_steps_decides_as_the_measurement():
+    """vLLM's kind ``step`` (drafts + verify timed as one): at 1 row a step of 2 drafts costs 1.2
+    plain steps, so it pays at every acceptance level; a profile that agrees scores 100%."""
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.0)
+    context = 100
+    model.calibrate("target", 1, context, 0.010)
+    model.calibrate("verify", 1, context, 0.010, gamma=2)
+    model.calibrate("draft", 1, context, 0.001)
+    rows = [{"kind": "target", "batch": 1, "total_context": context, "gamma": 0, "seconds": 0.010},
+            {"kind": "step", "batch": 1, "total_context": context, "gamma": 2, "seconds": 0.012}]
+    report = validate(model, rows, gammas=(2,))
+    assert report["decisions"] == 3 and report["decision_agreement"] == 1.0
+    assert report["rows"][1]["predicted_seconds"] == pytest.approx(0.012)
 
 
 @pytest.mark.model

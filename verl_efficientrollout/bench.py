@@ -230,16 +230,24 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
     return report
 
 
-def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int) -> dict[str, torch.Tensor]:
+def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int,
+                  embeddings: bool = False) -> dict[str, torch.Tensor]:
     """A stand-in for one RL step: Gaussian noise of ``fraction`` x its std on every decoder
-    linear (2-D, not the embedding); the other tensors are copied. New tensors, same dtypes."""
+    linear (2-D; the token embedding too when ``embeddings``); the other tensors are copied. New
+    tensors, same dtypes. Tensors that share storage (a tied ``lm_head.weight`` and the embedding)
+    stay one tensor, as a training step keeps them tied."""
     generator = torch.Generator().manual_seed(seed)
-    updated = {}
+    updated: dict[str, torch.Tensor] = {}
+    same_memory: dict[tuple, torch.Tensor] = {}  # (address, shape, strides) -> its update
     for name, tensor in state.items():
-        if tensor.dim() == 2 and "embed" not in name:
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())  # views of a fused weight differ here
+        if key in same_memory:
+            updated[name] = same_memory[key]
+            continue
+        if tensor.dim() == 2 and (embeddings or "embed" not in name):
             noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device, tensor.dtype)
             tensor = tensor + fraction * tensor.float().std().to(tensor.dtype) * noise
-        updated[name] = tensor.clone()
+        updated[name] = same_memory[key] = tensor.clone()
     return updated
 
 

@@ -1,12 +1,14 @@
 """``efficient-rollout calibrate``: measure this device's step costs, fit a cost profile, check it.
 
-Measures target steps, drafter steps and verify forwards (gamma + 1 tokens per row) of the
-native engine over batch sizes x contexts x gammas, fits the roofline profile to every context
-but the longest (``controller.fit_profile``), and validates on the held-out longest context:
-predicted vs measured step time, and how often "speculation pays" (E[accepted + 1] x target >
-gamma x draft + verify, at a few acceptance levels) is decided the same way from the prediction
-as from the measurement. The saved profile is then refitted on all measurements; point the
-controller at it with ``controller.profile: <path>``.
+Native engine: target steps, drafter steps and verify forwards (gamma + 1 tokens per row) over
+batch sizes x contexts x gammas. vLLM (``--engine vllm``, ``vllm_backend.calibrate``): whole vLLM
+decode steps at K = 0 and at each gamma, timed in vLLM's scheduler (vLLM drafts and verifies in
+one step). Either way the roofline profile is fitted to every context but the longest
+(``controller.fit_profile``) and validated on the held-out longest context: predicted vs
+measured step time, and how often "speculation pays" (E[accepted + 1] x plain step > speculative
+step, at a few acceptance levels) is decided the same way from the prediction as from the
+measurement. The saved profile is then refitted on all measurements; point the controller at it
+with ``controller.profile: <path>``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from verl_efficientrollout._validate import check_choice, check_int
-from verl_efficientrollout.config import DTYPES, DrafterConfig, EfficientRolloutConfig, NativeEngineConfig
+from verl_efficientrollout.config import DTYPES, ENGINES, DrafterConfig, EfficientRolloutConfig, NativeEngineConfig
 from verl_efficientrollout.controller import ControllerConfig, CostModel, fit_profile, load_profile
 from verl_efficientrollout.controller.cost_model import expected_output_tokens, save_profile
 
@@ -28,8 +30,13 @@ ACCEPTANCE_LEVELS = (0.5, 0.7, 0.9)
 
 @dataclass(frozen=True)
 class CalibrateConfig:
+    """``repeats``: timed steps per point (native: medians of that many forwards; vLLM: clean
+    decode steps per gamma and batch). ``dtype`` ``auto``: float32 native, bfloat16 vLLM (the
+    faster choice of each on this CPU)."""
+
     model: str = "default"
-    dtype: str = "float32"
+    engine: str = "native"
+    dtype: str = "auto"
     device: str = "auto"
     drafter: str = "int4-g32"
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -39,8 +46,14 @@ class CalibrateConfig:
     name: str = "measured"
 
     def __post_init__(self) -> None:
+        check_choice("CalibrateConfig", "engine", self.engine, ENGINES)
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
         check_choice("CalibrateConfig", "dtype", self.dtype, DTYPES)
         NativeEngineConfig(dtype=self.dtype, device=self.device)
+        if self.engine == "vllm" and self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"CalibrateConfig.device must be one of auto, cpu, cuda with engine vllm (vLLM picks "
+                             f"its own device), got {self.device!r}")
         DrafterConfig.from_name(self.drafter)
         for field, values, low in (("batches", self.batches, 1), ("contexts", self.contexts, 1),
                                    ("gammas", self.gammas, 1)):
@@ -48,6 +61,8 @@ class CalibrateConfig:
                 raise ValueError(f"CalibrateConfig.{field} must be a non-empty list of integers >= {low}, got ()")
             for value in values:
                 check_int("CalibrateConfig", field, value, low=low)
+        if max(self.gammas) > 8:
+            raise ValueError(f"CalibrateConfig.gammas must be integers in [1, 8], got {self.gammas!r}")
         if len(set(self.contexts)) < 2:
             raise ValueError(f"CalibrateConfig.contexts must hold at least two lengths (one is held out), "
                              f"got {self.contexts!r}")
@@ -62,23 +77,16 @@ class CalibrateConfig:
 
 
 def run_calibrate(config: CalibrateConfig, out_dir: Path) -> dict:
-    from verl_efficientrollout.bench import describe_device
-    from verl_efficientrollout.engine.native import NativeEngine
-
     started = time.perf_counter()
     contexts = sorted(set(config.contexts))
-    engine = NativeEngine.load(
-        config.model, EfficientRolloutConfig(drafter=DrafterConfig.from_name(config.drafter)),
-        NativeEngineConfig(dtype=config.dtype, device=config.device, max_model_len=contexts[-1] + max(config.gammas) + 2),
-    )
-    if engine.drafter is None:
-        raise RuntimeError("no drafter could be built: nothing to calibrate (see the warning above)")
-    measurements = []
-    for context in tqdm(contexts, desc="contexts"):
-        measurements += engine.measure_step_costs(config.batches, context, config.gammas, config.repeats)
-    device = describe_device(engine.engine_config.device)
+    if config.engine == "vllm":
+        from verl_efficientrollout.vllm_backend.calibrate import measure_vllm_step_costs
+
+        measurements, device = measure_vllm_step_costs(config)
+    else:
+        measurements, device = _measure_native(config, contexts)
     base = load_profile(ControllerConfig().profile)  # the model's byte and FLOP counts
-    held_out = [m for m in measurements if m["total_context"] == m["batch"] * contexts[-1]]
+    held_out = [m for m in measurements if m["context"] == contexts[-1]]
     fitted = fit_profile([m for m in measurements if m not in held_out], base, config.name, device)
     validation = validate(CostModel(fitted, refine_rate=0.0), held_out, config.gammas)
     profile = fit_profile(measurements, base, config.name, device)
@@ -90,20 +98,54 @@ def run_calibrate(config: CalibrateConfig, out_dir: Path) -> dict:
             "measurements": measurements, "seconds": time.perf_counter() - started}
 
 
+def _measure_native(config: CalibrateConfig, contexts: list[int]) -> tuple[list[dict], str]:
+    from verl_efficientrollout.bench import describe_device
+    from verl_efficientrollout.engine.native import NativeEngine
+
+    engine = NativeEngine.load(
+        config.model, EfficientRolloutConfig(drafter=DrafterConfig.from_name(config.drafter)),
+        NativeEngineConfig(dtype=config.dtype, device=config.device, max_model_len=contexts[-1] + max(config.gammas) + 2),
+    )
+    if engine.drafter is None:
+        raise RuntimeError("no drafter could be built: nothing to calibrate (see the warning above)")
+    measurements = []
+    for context in tqdm(contexts, desc="contexts"):
+        measurements += [{**m, "context": context}
+                         for m in engine.measure_step_costs(config.batches, context, config.gammas, config.repeats)]
+    return measurements, describe_device(engine.engine_config.device)
+
+
+def speculative_step_seconds(times: dict, batch: int, gamma: int) -> float | None:
+    """A whole speculative step of ``gamma`` drafts: measured as one (vLLM: kind ``step``) or
+    gamma draft forwards plus the verify (native); None when ``times`` lacks it."""
+    if ("step", batch, gamma) in times:
+        return times["step", batch, gamma]
+    if ("draft", batch, 0) in times and ("verify", batch, gamma) in times:
+        return gamma * times["draft", batch, 0] + times["verify", batch, gamma]
+    return None
+
+
 def validate(cost_model: CostModel, measurements: list[dict], gammas) -> dict:
     """Predicted vs measured time of each step, and agreement of the speculation-pays decision."""
+    def predict(m: dict) -> float:
+        if m["kind"] == "step":
+            return m["gamma"] * cost_model.draft_time(m["batch"], m["total_context"]) + \
+                cost_model.verify_time(m["batch"], m["total_context"], m["gamma"])
+        return cost_model.time(m["kind"], m["batch"], m["total_context"], m["gamma"])
+
     measured = {(m["kind"], m["batch"], m["gamma"]): m["seconds"] for m in measurements}
-    predicted = {(m["kind"], m["batch"], m["gamma"]): cost_model.time(m["kind"], m["batch"], m["total_context"],
-                                                                      m["gamma"]) for m in measurements}
+    predicted = {(m["kind"], m["batch"], m["gamma"]): predict(m) for m in measurements}
     rows = [{**m, "predicted_seconds": predicted[m["kind"], m["batch"], m["gamma"]],
              "error": predicted[m["kind"], m["batch"], m["gamma"]] / m["seconds"] - 1} for m in measurements]
     agree, total = 0, 0
-    for batch in sorted({b for kind, b, _ in measured if kind == "target" and ("draft", b, 0) in measured}):
+    for batch in sorted({b for kind, b, _ in measured if kind == "target"}):
         for gamma in gammas:
+            steps = [speculative_step_seconds(t, batch, gamma) for t in (measured, predicted)]
+            if steps[0] is None:
+                continue
             for acceptance in ACCEPTANCE_LEVELS:
                 tokens = expected_output_tokens([acceptance], gamma)
-                decisions = [tokens * t["target", batch, 0] > gamma * t["draft", batch, 0] + t["verify", batch, gamma]
-                             for t in (measured, predicted)]
+                decisions = [tokens * t["target", batch, 0] > step for t, step in zip((measured, predicted), steps)]
                 agree += decisions[0] == decisions[1]
                 total += 1
     return {"rows": rows, "median_abs_error": statistics.median(abs(r["error"]) for r in rows),
@@ -112,7 +154,8 @@ def validate(cost_model: CostModel, measurements: list[dict], gammas) -> dict:
 
 def format_calibrate(report: dict) -> str:
     v = report["validation"]
-    lines = [f"device: {report['device']}; drafter {report['config']['drafter']}, {report['config']['dtype']} target",
+    lines = [f"device: {report['device']}; {report['config']['engine']} engine, drafter {report['config']['drafter']}, "
+             f"{report['config']['dtype']} target",
              f"profile written to {report['profile_path']} (use it with controller.profile: <that path>)", "",
              f"validation on the held-out context {report['held_out_context']} tokens per row:",
              "| step | rows | gamma | measured ms | predicted ms | error |", "| --- | --- | --- | --- | --- | --- |"]

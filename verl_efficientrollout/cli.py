@@ -5,7 +5,7 @@
     efficient-rollout model-path [--model DIR]
     efficient-rollout verl-dry-run OVERRIDE [OVERRIDE ...]
     efficient-rollout config-reference | metrics-reference
-    efficient-rollout calibrate [--model DIR] [--device cuda] [--name NAME] [--out DIR]
+    efficient-rollout calibrate [--engine vllm] [--model DIR] [--device cuda] [--name NAME] [--out DIR]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     c = CalibrateConfig()
     calibrate = commands.add_parser("calibrate", help="measure step costs on this device and fit a cost profile")
     calibrate.add_argument("--model", default=c.model, help="'default' or a local HF model directory")
-    calibrate.add_argument("--dtype", default=c.dtype, help="float32, bfloat16 or float16")
+    calibrate.add_argument("--engine", default=c.engine, help="native (default) or vllm (needs vLLM installed)")
+    calibrate.add_argument("--dtype", default="auto", help="auto (float32 native, bfloat16 vllm), float32, bfloat16, "
+                           "float16")
     calibrate.add_argument("--device", default=c.device, help="auto, cpu, cuda, cuda:N")
     calibrate.add_argument("--drafter", default=c.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
     calibrate.add_argument("--batches", type=_csv(int), default=c.batches)

@@ -169,3 +169,60 @@ def test_fit_profile_recovers_a_device_from_its_measured_step_times():
         assert fitted.draft_time(batch, ctx) == pytest.approx(truth.draft_time(batch, ctx), rel=0.15)
     with pytest.raises(ValueError, match="at least 3 measured step times"):
         fit_profile(measured[:2], base, "x", "y")
+
+
+def test_fit_profile_recovers_the_draft_cost_from_whole_speculative_steps():
+    """vLLM times a speculative step only as a whole (gamma drafts + the verify): fitted on plain
+    steps and whole steps at gammas 1, 2, 4, the profile predicts whole steps at other batches
+    and longer drafts (how a step splits into draft and verify is what the toggle never needs)."""
+    import dataclasses
+
+    from verl_efficientrollout.controller import fit_profile
+
+    base = load_profile("cpu-smollm2-135m")
+    device = dataclasses.replace(
+        base, target=dataclasses.replace(base.target, bandwidth=5e9, flops_rate=6e10, overhead_s=0.03),
+        draft=dataclasses.replace(base.draft, bandwidth=8e9, flops_rate=3e10, overhead_s=0.01),
+    )
+    truth = CostModel(device, refine_rate=0.0)
+
+    def whole_step(batch, ctx, gamma):
+        return gamma * truth.draft_time(batch, ctx) + truth.verify_time(batch, ctx, gamma)
+
+    measured = []
+    for batch in (1, 2, 4, 8, 16):
+        ctx = batch * 300
+        measured.append({"kind": "target", "batch": batch, "total_context": ctx, "gamma": 0,
+                         "seconds": truth.target_time(batch, ctx)})
+        measured += [{"kind": "step", "batch": batch, "total_context": ctx, "gamma": gamma,
+                      "seconds": whole_step(batch, ctx, gamma)} for gamma in (1, 2, 4)]
+    fitted = CostModel(fit_profile(measured, base, "fitted", "test"), refine_rate=0.0)
+    for batch, gamma in ((1, 3), (4, 6), (12, 2), (2, 8)):
+        ctx = batch * 300
+        predicted = gamma * fitted.draft_time(batch, ctx) + fitted.verify_time(batch, ctx, gamma)
+        assert predicted == pytest.approx(whole_step(batch, ctx, gamma), rel=0.1)
+        assert fitted.target_time(batch, ctx) == pytest.approx(truth.target_time(batch, ctx), rel=0.1)
+
+
+def test_a_whole_speculative_step_corrects_draft_and_verify_together_and_not_the_plain_step():
+    model = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=1.0)
+    plain = model.target_time(4, 4 * 200)
+    predicted = 3 * model.draft_time(4, 4 * 200) + model.verify_time(4, 4 * 200, 3)
+    model.observe_step(4, 4 * 200, 3, 2 * predicted)
+    assert 3 * model.draft_time(4, 4 * 200) + model.verify_time(4, 4 * 200, 3) == pytest.approx(2 * predicted)
+    assert model.factor("draft", 4) == pytest.approx(2.0) and model.factor("verify", 4) == pytest.approx(2.0)
+    assert model.target_time(4, 4 * 200) == pytest.approx(plain)
+    assert model.factor("draft", 16) == 1.0  # other batch buckets keep the profile
+    frozen = CostModel(load_profile("cpu-smollm2-135m"), refine_rate=0.0)
+    frozen.observe_step(4, 800, 3, 10.0)
+    assert frozen.factor("draft", 4) == 1.0
+
+
+def test_auto_profile_is_the_bundled_profile_of_each_engine():
+    from verl_efficientrollout.controller import resolve_profile
+
+    assert load_profile("auto").name == "cpu-smollm2-135m-fp32"
+    assert load_profile("auto", engine="vllm").name == "cpu-smollm2-135m-vllm-bf16"
+    assert resolve_profile("my.json", engine="vllm") == "my.json"
+    with pytest.raises(ValueError, match="no default cost profile for engine 'sglang'"):
+        resolve_profile("auto", engine="sglang")

@@ -198,6 +198,19 @@ def test_observe_refines_draft_time_per_forward_and_verify_time():
     assert model.factor("verify", 2) == pytest.approx(3.0)
 
 
+def test_a_speculative_step_timed_as_a_whole_makes_speculation_look_dearer():
+    """vLLM times draft + verify as one step: a step measured at twice its prediction halves the
+    predicted speedup of that batch bucket, and the toggle follows."""
+    model = handmade_model()
+    model.refine_rate = 1.0
+    ctrl = controller(model, toggle="roofline", gamma=1)
+    d = ctrl.decide(EngineState(2, 200))
+    assert d.speculate and d.predicted_speedup == pytest.approx(1.8 / 1.2)
+    ctrl.observe(StepObservation(d, 2, 200, step_seconds=2 * 1.2))  # no verified drafts: acceptance unchanged
+    assert ctrl.decide(EngineState(2, 200)).predicted_speedup == pytest.approx(1.8 / 2.4)
+    assert not ctrl.decide(EngineState(2, 200)).speculate
+
+
 def test_from_config_accepts_a_mapping():
     ctrl = Controller.from_config({"toggle": "paper", "draft_length": "ladder"})
     assert ctrl.config.toggle == "paper"

@@ -19,6 +19,7 @@ from .cost_model import (
     fit_profile,
     load_profile,
     predicted_speedup,
+    resolve_profile,
     save_profile,
 )
 from .policies import Decision, EngineState
@@ -46,6 +47,7 @@ __all__ = [
     "load_profile",
     "per_position_counts",
     "predicted_speedup",
+    "resolve_profile",
     "save_profile",
     "simulate",
     "simulate_ar",

@@ -44,7 +44,9 @@ class ControllerConfig:
     acceptance_decay / prior_acceptance / prior_weight: the live acceptance estimator
         (see ``acceptance.py``).
     refine_rate: how fast measured step times correct the cost profile (0 switches it off).
-    profile: a bundled profile name (``controller/profiles/<name>.json``) or a JSON path.
+    profile: a bundled profile name (``controller/profiles/<name>.json``), a JSON path, or
+        ``auto``: the bundled profile measured here for the engine that runs the controller
+        (``cost_model.DEFAULT_PROFILES``).
     """
 
     toggle: str = "roofline"
@@ -65,7 +67,7 @@ class ControllerConfig:
     ladder_down: float = 0.85
     ladder_patience: int = 2
     refine_rate: float = 0.1
-    profile: str = "cpu-smollm2-135m-fp32"
+    profile: str = "auto"
 
     def __post_init__(self) -> None:
         o = _OWNER
@@ -92,7 +94,7 @@ class ControllerConfig:
         check_int(o, "ladder_patience", self.ladder_patience, low=1)
         check_float(o, "refine_rate", self.refine_rate, low=0.0, high=1.0)
         if not isinstance(self.profile, str) or not self.profile:
-            fail(o, "profile", "a bundled profile name or a path to a JSON file", self.profile)
+            fail(o, "profile", "'auto', a bundled profile name or a path to a JSON file", self.profile)
 
     @property
     def longest_draft(self) -> int:

@@ -39,7 +39,8 @@ class StepObservation:
         (empty for a plain step).
     target_seconds: the plain decoding step's time (when not speculating).
     draft_seconds: the time of ALL gamma draft forwards of the step; verify_seconds: the verify
-        forward's. Leave a time None when it was not measured.
+        forward's. step_seconds: a speculative step timed only as a whole (draft and verify in
+        one engine step, as in vLLM). Leave a time None when it was not measured.
     """
 
     decision: Decision
@@ -50,6 +51,7 @@ class StepObservation:
     target_seconds: float | None = None
     draft_seconds: float | None = None
     verify_seconds: float | None = None
+    step_seconds: float | None = None
 
 
 @dataclass
@@ -135,6 +137,8 @@ class Controller:
                 self.cost_model.observe("draft", b, ctx, obs.draft_seconds / decision.gamma)
             if obs.verify_seconds is not None:
                 self.cost_model.observe("verify", b, ctx, obs.verify_seconds, gamma=decision.gamma)
+            if obs.step_seconds is not None:
+                self.cost_model.observe_step(b, ctx, decision.gamma, obs.step_seconds)
             s.speculated_steps += 1
             s.draft_rows += obs.drafted_per_position[0] if obs.drafted_per_position else 0
             s.drafted_tokens += sum(obs.drafted_per_position)

@@ -14,6 +14,11 @@ v = verify / target step time the predicted per-step speedup over plain decoding
 
     predicted_speedup = expected_output_tokens(acceptance, gamma) / (gamma * r + v)
 
+An engine that times a speculative step only as a whole (vLLM: drafting and verifying happen in
+one engine step) reports it as kind ``step``: its time is gamma draft forwards plus the verify,
+so it fits (``fit_profile``) and corrects (``CostModel.observe_step``) the draft and verify
+costs together, against the plain step it is compared with.
+
 A ``CostProfile`` holds the constants for one model on one device (fitted by
 ``efficient-rollout calibrate`` or bundled in ``profiles/``); ``CostModel`` adds online
 correction factors learned from measured step times.
@@ -93,8 +98,25 @@ def bundled_profiles() -> tuple[str, ...]:
     return tuple(sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json")))
 
 
-def load_profile(name_or_path: str | Path) -> CostProfile:
-    """Load a bundled profile by name, or any profile JSON by path."""
+# What ``ControllerConfig.profile = "auto"`` means for each engine: its step costs measured on this
+# project's 2-core CPU with the default model (``efficient-rollout calibrate [--engine vllm]``).
+DEFAULT_PROFILES = {"native": "cpu-smollm2-135m-fp32", "vllm": "cpu-smollm2-135m-vllm-bf16"}
+
+
+def resolve_profile(name_or_path: str | Path, engine: str = "native") -> str | Path:
+    """``auto`` -> the bundled default profile of ``engine``; anything else unchanged."""
+    if str(name_or_path) != "auto":
+        return name_or_path
+    if engine not in DEFAULT_PROFILES:
+        raise ValueError(f"no default cost profile for engine {engine!r}: the engines with one are "
+                         f"{', '.join(DEFAULT_PROFILES)}; set controller.profile to a calibrated JSON")
+    return DEFAULT_PROFILES[engine]
+
+
+def load_profile(name_or_path: str | Path, engine: str = "native") -> CostProfile:
+    """Load a bundled profile by name, or any profile JSON by path; ``auto`` is the bundled
+    default of ``engine`` (``DEFAULT_PROFILES``)."""
+    name_or_path = resolve_profile(name_or_path, engine)
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         return CostProfile.from_dict(json.loads(path.read_text()))
@@ -116,22 +138,31 @@ def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, na
     measured step times, keeping ``base``'s byte and FLOP counts (what the model is) and
     refitting what the device does.
 
-    ``measurements``: dicts with ``kind`` ("target", "draft" or "verify"), ``batch``,
-    ``total_context``, ``gamma`` (verify: gamma + 1 new tokens per row) and ``seconds``.
-    Target steps and verify forwards both fit the target's StepCost. A coarse log-space grid
-    search minimising the squared log error: a few hundred thousand cheap evaluations.
+    ``measurements``: dicts with ``kind``, ``batch``, ``total_context``, ``gamma`` and
+    ``seconds``. Kinds: ``target`` (a plain step), ``draft`` (one drafter forward), ``verify``
+    (the target over gamma + 1 new tokens per row) and ``step`` (a whole speculative step, timed
+    as one: gamma draft forwards plus the verify). Target steps and verify forwards fit the
+    target's StepCost; then draft forwards, and whole steps less their fitted verify, fit the
+    draft's (how a whole step splits between the two is loosely determined, its total is what
+    the toggle needs). A coarse log-space grid search minimising the squared log error: a few
+    hundred thousand cheap evaluations.
     """
-    def points(kinds: tuple[str, ...]) -> list[tuple[int, int, int, float]]:
-        return [(m["batch"], m["total_context"], m["gamma"] + 1 if m["kind"] == "verify" else 1, m["seconds"])
+    def points(kinds: tuple[str, ...]) -> list[tuple[int, int, int, float, int, float]]:
+        return [(m["batch"], m["total_context"], m["gamma"] + 1 if m["kind"] == "verify" else 1, m["seconds"], 1, 0.0)
                 for m in measurements if m["kind"] in kinds]
 
     target = _fit_step_cost(base.target, points(("target", "verify")))
-    draft = _fit_step_cost(base.draft, points(("draft",)))
+    steps = [(m["batch"], m["total_context"], 1, m["seconds"], m["gamma"],
+              target.time(m["batch"], m["total_context"], m["gamma"] + 1))
+             for m in measurements if m["kind"] == "step"]
+    draft = _fit_step_cost(base.draft, points(("draft",)) + steps)
     notes = f"fitted to {len(measurements)} measured step times on this device from {base.name}'s model counts"
     return CostProfile(name=name, device=device, target=target, draft=draft, notes=notes)
 
 
-def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float]]) -> StepCost:
+def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float, int, float]]) -> StepCost:
+    """``points``: (batch, total_context, new tokens per row, seconds, count, known): the measured
+    seconds are ``count`` forwards of the fitted StepCost plus ``known`` seconds of other work."""
     if len(points) < 3:
         raise ValueError(f"fit_profile needs at least 3 measured step times per kind, got {len(points)}")
 
@@ -141,9 +172,9 @@ def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float]]) ->
 
     def error(params: tuple[float, float, float]) -> float:
         candidate = make(*params)
-        return sum(math.log(candidate.time(b, c, t) / s) ** 2 for b, c, t, s in points)
+        return sum(math.log((n * candidate.time(b, c, t) + known) / s) ** 2 for b, c, t, s, n, known in points)
 
-    fastest = min(seconds for *_, seconds in points)
+    fastest = min(max((s - known) / n, 1e-3 * s) for _, _, _, s, n, known in points)
     shares = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     coarse = [(fastest * o, fastest * m, 10 ** (r / 4)) for o in shares for m in shares[1:] + (0.95,)
               for r in range(28, 56)]  # FLOP rate 10^7 .. 10^13.75
@@ -253,6 +284,18 @@ class CostModel:
         (a start-up measurement on this device; ``observe`` then keeps refining it)."""
         check_float("CostModel", "seconds", seconds, low=0.0, low_open=True)
         self._log_factor[(kind, batch_bucket(batch))] = math.log(seconds / self._raw(kind, batch, total_context, gamma))
+
+    def observe_step(self, batch: int, total_context: int, gamma: int, seconds: float) -> None:
+        """Refine the draft and verify factors of this batch bucket together with the measured time
+        of one whole speculative step (gamma draft forwards + the verify), for engines that do not
+        time the two apart: both move by the same log ratio, measured / predicted."""
+        if self.refine_rate == 0.0 or seconds <= 0.0:
+            return
+        predicted = gamma * self.draft_time(batch, total_context) + self.verify_time(batch, total_context, gamma)
+        step = self.refine_rate * math.log(min(max(seconds / predicted, 0.1), 10.0))
+        bucket = batch_bucket(batch)
+        for kind in ("draft", "verify"):
+            self._log_factor[(kind, bucket)] = self._log(kind, bucket) + step
 
     def observe(self, kind: str, batch: int, total_context: int, seconds: float, gamma: int = 0) -> None:
         """Refine the factor of (kind, batch bucket) with one measured forward time.

@@ -116,7 +116,7 @@ def dry_run(overrides: Sequence[str]) -> DryRunReport:
             efficient["native"] = (f"dtype={settings.native.dtype} device={settings.native.device} "
                                    f"max_model_len={settings.native.max_model_len}")
         try:
-            load_profile(settings.controller.profile)
+            load_profile(settings.controller.profile, settings.engine)
         except (OSError, ValueError) as exc:
             warnings.append(f"cost profile {settings.controller.profile!r} does not load here: {exc}")
     warnings += _missing_inputs(config)

@@ -43,8 +43,11 @@ SCHEDULER = "verl_efficientrollout.vllm_backend.scheduler.EfficientScheduler"
 SUPPORTED_TOGGLES = ("off", "always", "threshold", "roofline", "paper")
 
 
-def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> dict[str, Any]:
-    """The ``vllm.LLM`` keyword arguments for ``config`` (pure; no engine is started)."""
+def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
+                calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``vllm.LLM`` keyword arguments for ``config`` (pure; no engine is started).
+    ``calibration`` (``{"gammas", "hold_steps", "log"}``): our scheduler cycles K through the
+    gammas and logs step times instead of running the controller (``vllm_backend.calibrate``)."""
     controller, v = config.controller, config.vllm
     if controller.toggle not in SUPPORTED_TOGGLES:
         raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm, "
@@ -65,9 +68,13 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> di
                                    "ladder": max(controller.paper_ladder)}[controller.draft_length],
         "draft_sample_method": "probabilistic",
     }
-    if by_scheduler:  # our controller decides K every step inside vLLM's scheduler
+    if calibration is not None:
+        speculative["num_speculative_tokens"] = max(calibration["gammas"])
+    if by_scheduler or calibration is not None:  # our controller decides K every step inside vLLM's scheduler
         args["scheduler_cls"] = SCHEDULER
         args["additional_config"] = {"efficient": {"controller": dataclasses.asdict(controller)}}
+        if calibration is not None:
+            args["additional_config"]["efficient"]["calibration"] = dict(calibration)
     elif controller.toggle == "threshold":
         n = controller.threshold_batch_size
         table = [(1, max(n, 1), controller.gamma if n >= 1 else 0)]
@@ -105,7 +112,8 @@ def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:
 class VLLMEngine:
     """One ``vllm.LLM``; ``generate`` takes a whole rollout batch (vLLM schedules it)."""
 
-    def __init__(self, model: str, config: EfficientRolloutConfig | None = None, seed: int = 0) -> None:
+    def __init__(self, model: str, config: EfficientRolloutConfig | None = None, seed: int = 0,
+                 calibration: dict[str, Any] | None = None) -> None:
         vllm_version()
         from vllm import LLM
 
@@ -117,7 +125,7 @@ class VLLMEngine:
         self.speculative = self.config.controller.toggle != "off"
         # what an update must send (checked before vLLM starts)
         self.weight_shapes, self._tied, self._vocab_size = served_weight_shapes(model)
-        args = supported_engine_args(engine_args(model, self.config, seed))
+        args = supported_engine_args(engine_args(model, self.config, seed, calibration))
         # Without per-request metrics (vLLM < 0.32) a rollout's counts come from vLLM's counters.
         self._counters = self.speculative and "per_request_spec_decode_metrics" not in args
         self.llm = LLM(**args)

@@ -3,16 +3,29 @@
 Before each step it asks the ``Controller`` (the same one the native engine runs) whether to
 speculate and with which gamma, for the running batch and its context, and writes that K into
 vLLM's dynamic-speculation lookup (K = 0: no drafts); from each verified request it feeds back the
-drafted and accepted tokens (``make_spec_decoding_stats``). The controller config travels in
-``additional_config["efficient"]["controller"]``. vLLM applies the K of a step to the drafts
-proposed at its end, so decisions act one step later than in the native engine; the drafter's
-own KV cache still costs a drafter forward per step at K = 0 (vLLM's draft_model design).
+drafted and accepted tokens (``make_spec_decoding_stats``), and from the time between two
+``schedule`` calls the measured step time, which corrects the cost profile online (which step
+times are clean: ``steps.StepTimer``). The controller config travels in
+``additional_config["efficient"]["controller"]``; ``controller.profile: auto`` is the bundled
+vLLM profile. vLLM applies the K of a step to the drafts proposed at its end, so decisions act
+one step later than in the native engine, and the drafter's own KV cache costs a drafter forward
+per step even at K = 0 (vLLM's draft_model design), which the profile's plain step includes.
+
+Calibration (``additional_config["efficient"]["calibration"]``, ``efficient-rollout calibrate
+--engine vllm``): no controller; K follows ``steps.CalibrationSchedule`` and every clean step's
+time is appended to a JSON-lines file.
 """
 
 from __future__ import annotations
 
-from verl_efficientrollout.controller import Controller, ControllerConfig, EngineState, StepObservation, per_position_counts
+import json
+import time
+
+from verl_efficientrollout.controller import (
+    Controller, ControllerConfig, CostModel, Decision, EngineState, StepObservation, load_profile, per_position_counts,
+)
 from verl_efficientrollout.vllm_backend.compat import scheduler_base
+from verl_efficientrollout.vllm_backend.steps import CalibrationSchedule, ScheduledStep, StepTimer
 
 _Base = scheduler_base()
 
@@ -21,12 +34,16 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         extra = (self.vllm_config.additional_config or {}).get("efficient") or {}
-        self.controller = Controller(ControllerConfig.from_dict(extra.get("controller") or {}))
+        calibration = extra.get("calibration")
+        self.calibration = CalibrationSchedule(calibration["gammas"], calibration["hold_steps"]) if calibration else None
+        self._step_log = calibration["log"] if calibration else None
+        config = ControllerConfig.from_dict(extra.get("controller") or {})
+        self.controller = None if calibration else Controller(
+            config, CostModel(load_profile(config.profile, engine="vllm"), config.refine_rate))
         self._k_max = self.num_spec_tokens
         if self.dynamic_sd_lookup is None:  # a lookup also switches off vLLM's uniform-K padding
             self.dynamic_sd_lookup = [self._k_max] * (self.max_num_running_reqs + 1)
-        self._decision = None
-        self._state: EngineState | None = None
+        self._timer = StepTimer()
         self._verified: list[tuple[int, int]] = []  # (accepted, drafted) per request, this step
         self._step = 0
 
@@ -39,22 +56,48 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
                                                 num_invalid_spec_tokens, request_id)
 
     def schedule(self, *args, **kwargs):
-        if self._decision is not None and self._verified:
-            drafted, accepted = per_position_counts([a for a, _ in self._verified], [d for _, d in self._verified])
-            self.controller.observe(StepObservation(self._decision, self._state.batch_size,
-                                                    self._state.total_context, drafted, accepted))
-        self._verified = []
+        now = time.perf_counter()
         running = list(self.running)
+        ids = frozenset(r.request_id for r in running)
+        self._observe(*self._timer.finished(now, ids))
         if not running:
             self._step = 0  # idle: the next requests start a new rollout
+            self._timer.reset()
+            if self.calibration is not None:
+                self.calibration.reset()
         else:
-            if self._step == 0:
+            if self._step == 0 and self.controller is not None:
                 self.controller.begin_rollout()
-            self._state = EngineState(len(running), sum(r.num_computed_tokens for r in running), self._step,
-                                      len(running))
-            self._decision = self.controller.decide(self._state)
-            gamma = min(self._decision.gamma, self._k_max) if self._decision.speculate else 0
+            decode_only = not self.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in running)
+            state = EngineState(len(running), sum(r.num_computed_tokens for r in running), self._step, len(running))
+            if self.calibration is not None:
+                gamma = min(self.calibration.gamma(decode_only), self._k_max)
+                decision = Decision(gamma > 0, gamma, 0.0, "calibration")
+            else:
+                decision = self.controller.decide(state)
+            gamma = min(decision.gamma, self._k_max) if decision.speculate else 0
             lookup = self.dynamic_sd_lookup
             lookup[1:] = [gamma] * (len(lookup) - 1)
+            self._timer.scheduled(ScheduledStep(decision, state, decode_only, ids, now))
             self._step += 1
         return super().schedule(*args, **kwargs)
+
+    def _observe(self, step: ScheduledStep | None, seconds: float | None) -> None:
+        """Feed the step that just ran to the controller (or the calibration log): the acceptance
+        of the drafts it verified, and its time when that is clean."""
+        verified, self._verified = self._verified, []
+        if step is None:
+            return
+        spec = step.decision.speculate
+        if self._step_log is not None:
+            if seconds is not None:
+                record = {"kind": "step" if spec else "target", "batch": step.state.batch_size,
+                          "total_context": step.state.total_context, "gamma": step.decision.gamma, "seconds": seconds}
+                with open(self._step_log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            return
+        drafted, accepted = per_position_counts([a for a, _ in verified], [d for _, d in verified]) \
+            if verified else ((), ())
+        self.controller.observe(StepObservation(
+            step.decision, step.state.batch_size, step.state.total_context, tuple(drafted), tuple(accepted),
+            target_seconds=None if spec else seconds, step_seconds=seconds if spec else None))

@@ -29,6 +29,26 @@ class EfficientWorkerExtension:
             drafter_seconds = time.perf_counter() - start
         return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds, "drafter_error": drafter_error}
 
+    def efficient_count_drafter_forwards(self) -> dict:
+        """Forwards and tokens the draft model has run since the first call (which installs the
+        counting hook): what K = 0 still costs with vLLM's draft_model method."""
+        from verl_efficientrollout.vllm_backend.compat import draft_model
+
+        drafter = draft_model(self.model_runner)
+        if drafter is None:
+            return {"forwards": 0, "tokens": 0}
+        counts = getattr(self, "_efficient_drafter_counts", None)
+        if counts is None:
+            counts = self._efficient_drafter_counts = {"forwards": 0, "tokens": 0}
+
+            def count(module, args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                counts["forwards"] += 1
+                counts["tokens"] += int(ids.numel()) if ids is not None else 0
+
+            drafter.register_forward_pre_hook(count, with_kwargs=True)
+        return dict(counts)
+
     def efficient_describe(self) -> dict:
         """Type of one decoder linear's weight in the target and in the drafter (int4 check)."""
         def weight_type(model):

@@ -1,0 +1,1 @@
+"""Import shim (see ../../../README.md)."""

@@ -1,0 +1,1 @@
+"""Import shim (see ../../../README.md): SGLang imports this module; nothing of it is used."""
