@@ -40,3 +40,23 @@ def test_token_frequencies_of_one_law_pass_and_of_another_fail():
 def test_empty_samples_are_refused():
     with pytest.raises(ValueError, match="non-empty"):
         ks_two_sample([], [1])
+
+
+def test_one_sampler_passes_and_a_sampler_biased_at_one_position_fails():
+    """Rows of 4 prompts x 50 samples: the same sampler twice, then one whose second token
+    prefers another value for every prompt."""
+    from verl_efficientrollout.stats import same_sampler_p_values
+
+    rng = random.Random(1)
+
+    def rows(biased: bool) -> list[list[int]]:
+        out = []
+        for prompt in range(4):
+            for _ in range(50):
+                second = rng.choice([7, 7, 8] if biased else [7, 8, 8])
+                out.append([prompt, second, rng.randrange(3)] + [9] * rng.randrange(5, 15))
+        return out
+
+    assert min(same_sampler_p_values(rows(False), rows(False), samples=50)) > 0.01
+    p_values = same_sampler_p_values(rows(False), rows(True), samples=50)
+    assert p_values[1] < 1e-6 and p_values[0] > 0.01  # position 1 differs; the lengths do not

@@ -5,7 +5,7 @@ Build them once at the boundary (CLI, veRL adapter) and pass the objects down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Mapping
 
 from verl_efficientrollout._validate import check_choice, check_float, check_int
@@ -66,6 +66,16 @@ class DrafterConfig:
             return "int8-per-channel"
         return f"int4-asym-g{self.group_size}"
 
+    @property
+    def method_name(self) -> str:
+        """The name our vLLM and SGLang plugins register this recipe under as a quantization method."""
+        return "efficient_int8" if self.recipe == "int8" else f"efficient_int4_g{self.group_size}"
+
+    @classmethod
+    def every_recipe(cls) -> list["DrafterConfig"]:
+        """One config per recipe: int4 at each group size, then int8."""
+        return [cls(recipe="int4", group_size=g) for g in INT4_GROUP_SIZES] + [cls(recipe="int8")]
+
     @classmethod
     def from_name(cls, name: str, backend: str = "auto") -> "DrafterConfig":
         """Parse ``int4-g32`` / ``int4-asym-g64`` / ``int8`` (the names the CLI and reports use)."""
@@ -80,7 +90,7 @@ class DrafterConfig:
         raise ValueError(f"drafter recipe must be one of {allowed}, got {name!r}")
 
 
-ENGINES = ("native", "vllm")  # "sglang" joins when its backend lands
+ENGINES = ("native", "vllm", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -121,6 +131,39 @@ class VLLMEngineConfig:
 
 
 @dataclass(frozen=True)
+class SGLangEngineConfig:
+    """The SGLang backend's own settings (``sglang.Engine`` server arguments this add-on sets).
+
+    ``max_total_tokens``: the KV cache's size in tokens (0: SGLang sizes it from
+    ``mem_fraction_static``). ``server_args``: any further ``ServerArgs`` fields, passed through
+    as given (SGLang validates them when the engine starts)."""
+
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    disable_cuda_graph: bool = True
+    mem_fraction_static: float = 0.5  # CUDA only: the share of GPU memory SGLang may take
+    max_total_tokens: int = 0
+    server_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("SGLangEngineConfig", "dtype", self.dtype, DTYPES)
+        check_int("SGLangEngineConfig", "max_model_len", self.max_model_len, low=2)
+        check_int("SGLangEngineConfig", "max_num_seqs", self.max_num_seqs, low=1)
+        check_float("SGLangEngineConfig", "mem_fraction_static", self.mem_fraction_static, low=0.0, high=1.0,
+                    low_open=True)
+        check_int("SGLangEngineConfig", "max_total_tokens", self.max_total_tokens, low=0)
+        if not isinstance(self.server_args, Mapping) or not all(isinstance(k, str) for k in self.server_args):
+            raise ValueError(f"SGLangEngineConfig.server_args must be a mapping of ServerArgs field names to values, "
+                             f"got {self.server_args!r}")
+        object.__setattr__(self, "server_args", dict(self.server_args))
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.max_model_len, self.max_num_seqs, self.disable_cuda_graph,
+                     self.mem_fraction_static, self.max_total_tokens, tuple(sorted(self.server_args.items()))))
+
+
+@dataclass(frozen=True)
 class EfficientRolloutConfig:
     """Everything the add-on reads from a rollout config (``rollout.custom.efficient`` in veRL).
 
@@ -131,12 +174,14 @@ class EfficientRolloutConfig:
         controller: {preset: efficient, gamma_max: 6}   # a preset plus field overrides
         native: {dtype: bfloat16, device: auto}          # the native engine's settings
         vllm: {dtype: bfloat16, max_num_seqs: 256}      # the vLLM backend's settings
+        sglang: {dtype: bfloat16, max_num_seqs: 256}    # the SGLang backend's settings
     """
 
     engine: str = "native"
     drafter: DrafterConfig = DrafterConfig()
     native: NativeEngineConfig = NativeEngineConfig()
     vllm: VLLMEngineConfig = VLLMEngineConfig()
+    sglang: SGLangEngineConfig = SGLangEngineConfig()
     controller: "ControllerConfig" = None  # type: ignore[assignment]  # filled in __post_init__
 
     def __post_init__(self) -> None:
@@ -149,6 +194,9 @@ class EfficientRolloutConfig:
             raise ValueError(f"EfficientRolloutConfig.drafter must be a DrafterConfig, got {type(self.drafter).__name__}")
         if not isinstance(self.vllm, VLLMEngineConfig):
             raise ValueError(f"EfficientRolloutConfig.vllm must be a VLLMEngineConfig, got {type(self.vllm).__name__}")
+        if not isinstance(self.sglang, SGLangEngineConfig):
+            raise ValueError(
+                f"EfficientRolloutConfig.sglang must be a SGLangEngineConfig, got {type(self.sglang).__name__}")
         if not isinstance(self.native, NativeEngineConfig):
             raise ValueError(f"EfficientRolloutConfig.native must be a NativeEngineConfig, got {type(self.native).__name__}")
         if not isinstance(self.controller, ControllerConfig):
@@ -161,7 +209,7 @@ class EfficientRolloutConfig:
         from verl_efficientrollout.controller import ControllerConfig
 
         d = dict(d or {})
-        allowed = ("engine", "drafter", "controller", "native", "vllm")
+        allowed = ("engine", "drafter", "controller", "native", "vllm", "sglang")
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"EfficientRolloutConfig got unknown keys {unknown}; allowed keys: {', '.join(allowed)}")
@@ -177,6 +225,7 @@ class EfficientRolloutConfig:
             drafter=drafter,
             native=NativeEngineConfig(**_known_keys(NativeEngineConfig, d.get("native") or {})),
             vllm=VLLMEngineConfig(**_known_keys(VLLMEngineConfig, d.get("vllm") or {})),
+            sglang=SGLangEngineConfig(**_known_keys(SGLangEngineConfig, d.get("sglang") or {})),
             controller=ControllerConfig.preset(preset, **controller) if preset else ControllerConfig.from_dict(controller),
         )
 

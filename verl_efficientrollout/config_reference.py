@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, NativeEngineConfig, VLLMEngineConfig
+from verl_efficientrollout.config import (
+    DrafterConfig, EfficientRolloutConfig, NativeEngineConfig, SGLangEngineConfig, VLLMEngineConfig,
+)
 from verl_efficientrollout.controller import ControllerConfig
 from verl_efficientrollout.controller.config import PRESETS
 
@@ -22,6 +24,7 @@ SECTIONS = (  # (YAML key under rollout.custom.efficient, dataclass)
     ("controller", ControllerConfig),
     ("native", NativeEngineConfig),
     ("vllm", VLLMEngineConfig),
+    ("sglang", SGLangEngineConfig),
 )
 
 

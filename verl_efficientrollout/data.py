@@ -6,6 +6,12 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+# Questions whose answers end early (median ~35 tokens with the default model): whole response
+# lengths to EOS are cheap to sample many times (the engines' distribution tests).
+SHORT_ANSWER_QUESTIONS = (
+    "What is 7 + 5? Reply with the number only.", "Is 17 a prime number? Answer yes or no.",
+    "Name the capital of France in one word.", "What is 9 times 3? Give only the number.",
+)
 INSTRUCTION = "Solve the problem step by step, then give the final answer as 'The answer is N.'"
 
 

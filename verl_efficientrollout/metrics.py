@@ -19,8 +19,9 @@ ROLLOUT_SUMMARY = {
     "prefill_seconds": "time spent on prompt prefill",
     "tokens": "tokens generated, all rows",
     "tokens_per_second": "tokens / seconds",
-    "steps": "decode steps (a speculative step counts once)",
-    "speculated_share": "share of decode steps that drafted (the toggle's on-time)",
+    "steps": "decode steps (a speculative step counts once; 0 where the engine keeps no per-step record: vLLM, "
+             "SGLang)",
+    "speculated_share": "share of decode steps that drafted (the toggle's on-time; null without a per-step record)",
     "drafted_tokens": "draft tokens proposed, all rows (= the sum of the requests' spec_num_draft_tokens)",
     "accepted_tokens": "of those, accepted by the target",
     "rejected_tokens": "of those, rejected (at most one per row and step; drafts after a rejection are discarded "

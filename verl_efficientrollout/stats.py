@@ -105,3 +105,18 @@ def _upper_regularized_gamma(s: float, x: float) -> float:
         if abs(delta - 1) < 1e-15:
             break
     return min(1.0, math.exp(log_prefactor) * h)
+
+
+def same_sampler_p_values(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]], samples: int,
+                          positions: Sequence[int] = (1, 2, 3)) -> list[float]:
+    """p-values of "both sets of responses come from one sampler": a KS test on response lengths,
+    then a chi-square homogeneity test of the token at each of ``positions`` (pooled over prompts,
+    keyed by prompt). Rows come as ``samples`` consecutive responses per prompt, prompts in the same
+    order in both sets. Compare each with its share of the level (Bonferroni)."""
+    p_values = [ks_two_sample([len(r) for r in reference], [len(r) for r in other]).p_value]
+    for k in positions:
+        def tokens(rows):
+            return [(i // samples, r[k]) for i, r in enumerate(rows) if len(r) > k]
+
+        p_values.append(chi2_homogeneity(tokens(reference), tokens(other)).p_value)
+    return p_values

@@ -4,6 +4,7 @@
 #   bash examples/grpo/gsm8k_qwen2.5-0.5b.sh ar          # its twin: verl's plain vLLM rollout
 #   DRY_RUN=1 bash examples/grpo/gsm8k_qwen2.5-0.5b.sh efficient   # check the overrides, no GPU
 #   ENGINE=vllm bash examples/grpo/gsm8k_qwen2.5-0.5b.sh efficient   # served by the vLLM backend
+#   ENGINE=sglang bash examples/grpo/gsm8k_qwen2.5-0.5b.sh efficient # served by the SGLang backend (fixed K)
 # Data: python examples/grpo/prepare_data.py gsm8k (writes $DATA/gsm8k/{train,test}.parquet).
 # Profile: efficient-rollout calibrate --model <local model dir> --device cuda --dtype bfloat16 \
 #            --name qwen2.5-0.5b-gpu --out $HOME/profiles   (a few minutes; PROFILE below points at it)
@@ -14,8 +15,11 @@ DATA=${DATA:-$HOME/data}
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 PROFILE=${PROFILE:-$HOME/profiles/qwen2.5-0.5b-gpu.json}
 EXPERIMENT=gsm8k_qwen2.5-0.5b
-ENGINE=${ENGINE:-native}  # or vllm: the vLLM backend serves the efficient rollout
-EFFICIENT="{efficient: {engine: $ENGINE, drafter: int4-g128, controller: {preset: efficient, profile: '$PROFILE'}, native: {dtype: bfloat16, device: cuda}}}"
+ENGINE=${ENGINE:-native}  # or vllm / sglang: that backend serves the efficient rollout
+CONTROLLER="{preset: efficient, profile: '$PROFILE'}"
+# SGLang fixes its draft length when the engine starts (no per-step toggle): K = 3 throughout.
+if [ "$ENGINE" = sglang ]; then CONTROLLER="{preset: sd-always, gamma: 3}"; fi
+EFFICIENT="{efficient: {engine: $ENGINE, drafter: int4-g128, controller: $CONTROLLER, native: {dtype: bfloat16, device: cuda}}}"
 overrides=(
   algorithm.adv_estimator=grpo
   algorithm.use_kl_in_reward=False

@@ -5,6 +5,7 @@
 #   bash examples/grpo/math_qwen2.5-7b_paper.sh ar          # its twin: verl's plain vLLM rollout
 #   DRY_RUN=1 bash examples/grpo/math_qwen2.5-7b_paper.sh efficient   # check the overrides, no GPU
 #   ENGINE=vllm bash examples/grpo/math_qwen2.5-7b_paper.sh efficient   # served by the vLLM backend
+#   ENGINE=sglang bash examples/grpo/math_qwen2.5-7b_paper.sh efficient # served by the SGLang backend (fixed K)
 # Data: python examples/grpo/prepare_data.py math (writes $DATA/math_l3to5/{train,test}.parquet).
 # Profile: efficient-rollout calibrate --model <local model dir> --device cuda --dtype bfloat16 \
 #            --name qwen2.5-7b-gpu --out $HOME/profiles
@@ -17,8 +18,11 @@ PROFILE=${PROFILE:-$HOME/profiles/qwen2.5-7b-gpu.json}
 EXPERIMENT=math_l3to5_qwen2.5-7b
 # The paper's drafter recipe (int4, group 128) and its toggle + ladder ("paper" preset); set
 # preset: efficient for ours (per-step toggle with hysteresis, goodput-optimal gamma).
-ENGINE=${ENGINE:-native}  # or vllm: the vLLM backend serves the efficient rollout
-EFFICIENT="{efficient: {engine: $ENGINE, drafter: int4-g128, controller: {preset: paper, profile: '$PROFILE'}, native: {dtype: bfloat16, device: cuda}}}"
+ENGINE=${ENGINE:-native}  # or vllm / sglang: that backend serves the efficient rollout
+CONTROLLER="{preset: paper, profile: '$PROFILE'}"
+# SGLang fixes its draft length when the engine starts (no per-step toggle): K = 3 throughout.
+if [ "$ENGINE" = sglang ]; then CONTROLLER="{preset: sd-always, gamma: 3}"; fi
+EFFICIENT="{efficient: {engine: $ENGINE, drafter: int4-g128, controller: $CONTROLLER, native: {dtype: bfloat16, device: cuda}}}"
 overrides=(
   algorithm.adv_estimator=grpo
   algorithm.use_kl_in_reward=False

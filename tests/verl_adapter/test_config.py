@@ -59,6 +59,18 @@ def test_engine_vllm_takes_verls_rollout_settings_unless_its_own_section_sets_th
     assert v.max_num_seqs == 8 and v.max_model_len == 400 == settings.max_model_len
 
 
+def test_engine_sglang_takes_verls_rollout_settings_unless_its_own_section_sets_them():
+    from verl_efficientrollout.verl_adapter.config import server_settings
+
+    rollout = compose("+actor_rollout_ref.rollout.custom={efficient: {engine: sglang, controller: {preset: sd-always}, "
+                      "sglang: {max_num_seqs: 8}}}", "actor_rollout_ref.rollout.gpu_memory_utilization=0.4",
+                      "actor_rollout_ref.rollout.prompt_length=100", "actor_rollout_ref.rollout.response_length=300")
+    settings = server_settings(rollout, "/m")
+    s = settings.efficient.sglang
+    assert settings.efficient.engine == "sglang" and s.dtype == "bfloat16" and s.mem_fraction_static == 0.4
+    assert s.max_num_seqs == 8 and s.max_model_len == 400 == settings.max_model_len
+
+
 @pytest.mark.parametrize("custom, field", [
     ("{efficient: {drafter: {recipe: int4, group_size: 48}}}", "group_size"),
     ("{efficient: {drafter: int3-g32}}", "drafter recipe"),

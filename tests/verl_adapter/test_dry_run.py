@@ -31,10 +31,11 @@ def dry_runs(tmp_path_factory) -> dict[tuple[str, str], tuple[str, Path]]:
             running[script.stem, mode] = (save, subprocess.Popen(
                 ["bash", str(script), mode], env={**env, "DRY_RUN_SAVE": str(save)},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    save = folder / "gsm8k-efficient-vllm.yaml"
-    running[SCRIPTS[0].stem, "efficient, engine vllm"] = (save, subprocess.Popen(
-        ["bash", str(SCRIPTS[0]), "efficient"], env={**env, "DRY_RUN_SAVE": str(save), "ENGINE": "vllm"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for engine in ("vllm", "sglang"):
+        save = folder / f"gsm8k-efficient-{engine}.yaml"
+        running[SCRIPTS[0].stem, f"efficient, engine {engine}"] = (save, subprocess.Popen(
+            ["bash", str(SCRIPTS[0]), "efficient"], env={**env, "DRY_RUN_SAVE": str(save), "ENGINE": engine},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
     for key, (save, process) in running.items():
         out, err = process.communicate(timeout=300)
@@ -83,6 +84,11 @@ def test_grpo_script_and_its_ar_twin_compose_and_differ_only_in_the_rollout(scri
 def test_engine_vllm_composes_with_verls_rollout_settings_for_the_vllm_backend(dry_runs):
     out, _ = dry_runs[SCRIPTS[0].stem, "efficient, engine vllm"]
     assert "engine: vllm" in out and "gpu_memory_utilization=0.5" in out and "max_num_seqs=" in out
+
+
+def test_engine_sglang_composes_with_verls_rollout_settings_and_a_fixed_draft_length(dry_runs):
+    out, _ = dry_runs[SCRIPTS[0].stem, "efficient, engine sglang"]
+    assert "engine: sglang" in out and "mem_fraction_static=0.5" in out and "toggle=always" in out, out
 
 
 def test_grpo_script_without_a_mode_prints_its_usage():

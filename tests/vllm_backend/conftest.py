@@ -22,20 +22,8 @@ def vllm_config():
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> str:
-    from verl_efficientrollout.models import default_model_dir
-
-    return str(default_model_dir())
-
-
-@pytest.fixture(scope="session")
-def prompts(model_dir) -> list[tuple[int, ...]]:
-    from transformers import AutoTokenizer
-
-    from verl_efficientrollout.data import chat_prompt_ids, math_problems
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[:8]]
+def prompts(math_prompts) -> list[tuple[int, ...]]:
+    return math_prompts
 
 
 @pytest.fixture(scope="session")

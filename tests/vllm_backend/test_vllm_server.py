@@ -28,47 +28,15 @@ def server(speculative, model_dir):
     return EfficientServer(settings, engine=speculative)
 
 
-@pytest.fixture(scope="module")
-def run():
-    """One event loop for the module: the server's events and batcher task live on it."""
-    loop = asyncio.new_event_loop()
-    yield loop.run_until_complete
-    for task in asyncio.all_tasks(loop):  # the server's idle batcher
-        task.cancel()
-        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def original_weights(model_dir) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
-
-
 def _greedy(prompts) -> list[Request]:
     return [Request(p, 16, SamplingParams(0.0), request_id=str(i)) for i, p in enumerate(prompts[:4])]
 
 
-async def _serve(server, requests) -> list:
-    """The requests as verl's agent loop sends them: one call each, concurrently (one batch)."""
-    return await asyncio.gather(*(server.submit(r) for r in requests))
-
-
-async def _update(server, weights: dict[str, torch.Tensor], global_steps: int) -> dict:
-    """What verl's weight sender drives: begin, buckets, commit."""
-    await server.begin_weights()
-    items = list(weights.items())
-    for i in range(0, len(items), 64):
-        await server.receive_weights(items[i:i + 64])
-    return await server.commit_weights(global_steps)
-
-
 def test_the_server_launches_vllm_with_the_int4_drafter_and_serves_a_batch_with_speculation_counts(
-        server, plain, prompts, run):
+        server, plain, prompts, run, verl_calls):
     async def scenario():
         recipe = await server.launch()
-        outputs = await _serve(server, _greedy(prompts))
+        outputs = await verl_calls.serve(server, _greedy(prompts))
         return recipe, outputs, await server.get_metrics()
 
     recipe, outputs, metrics = run(scenario())
@@ -81,7 +49,7 @@ def test_the_server_launches_vllm_with_the_int4_drafter_and_serves_a_batch_with_
 
 
 def test_a_weight_update_through_the_server_refreshes_target_and_drafter_and_a_bad_one_changes_nothing(
-        server, plain, prompts, original_weights, run):
+        server, plain, prompts, original_weights, run, verl_calls):
     requests = _greedy(prompts)
     updated = policy_update(original_weights, 0.05, seed=7)
     poisoned = dict(updated)
@@ -91,16 +59,17 @@ def test_a_weight_update_through_the_server_refreshes_target_and_drafter_and_a_b
 
     async def scenario():
         await server.launch()
-        before = [o.token_ids for o in await _serve(server, requests)]
+        before = [o.token_ids for o in await verl_calls.serve(server, requests)]
         version = server.engine.weights_version
         for bad in (poisoned, partial):
             with pytest.raises(ValueError, match="weight update rejected"):
-                await _update(server, bad, global_steps=1)
+                await verl_calls.send_weights(server, bad, global_steps=1)
         assert server.engine.weights_version == version
-        after_bad = [o.token_ids for o in await _serve(server, requests)]
+        after_bad = [o.token_ids for o in await verl_calls.serve(server, requests)]
         # as a sender of a tied-embedding model may: no lm_head.weight (the engine re-ties it)
-        report = await _update(server, {k: v for k, v in updated.items() if k != "lm_head.weight"}, global_steps=1)
-        served = await _serve(server, requests)
+        untied = {k: v for k, v in updated.items() if k != "lm_head.weight"}
+        report = await verl_calls.send_weights(server, untied, global_steps=1)
+        served = await verl_calls.serve(server, requests)
         return before, after_bad, report, served, version
 
     try:
@@ -115,11 +84,12 @@ def test_a_weight_update_through_the_server_refreshes_target_and_drafter_and_a_b
         drafted = sum(o.num_draft_tokens for o in served)
         assert sum(o.num_accepted_tokens for o in served) / drafted > 0.5
     finally:  # the shared engines serve the default model again
-        run(_update(server, original_weights, global_steps=2))
+        run(verl_calls.send_weights(server, original_weights, global_steps=2))
         plain.update_weights(original_weights.items())
 
 
-def test_abort_ends_a_running_vllm_batch_with_the_tokens_so_far_and_serving_resumes(server, prompts, run):
+def test_abort_ends_a_running_vllm_batch_with_the_tokens_so_far_and_serving_resumes(server, prompts, run,
+                                                                                    verl_calls):
     cap = 400
 
     async def scenario():
@@ -130,7 +100,7 @@ def test_abort_ends_a_running_vllm_batch_with_the_tokens_so_far_and_serving_resu
         await server.abort_all_requests()
         aborted = await asyncio.gather(*running)
         await server.resume_generation()
-        return aborted, await _serve(server, _greedy(prompts))
+        return aborted, await verl_calls.serve(server, _greedy(prompts))
 
     aborted, after = run(scenario())
     assert {o.finish_reason for o in aborted} <= {"abort", "stop"} and any(o.finish_reason == "abort" for o in aborted)

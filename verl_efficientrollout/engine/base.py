@@ -74,7 +74,7 @@ class RolloutResult:
             "tokens": self.generated_tokens,
             "tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
             "steps": len(steps),
-            "speculated_share": sum(1 for s in steps if s[1]) / len(steps) if steps else 0.0,
+            "speculated_share": sum(1 for s in steps if s[1]) / len(steps) if steps else None,
             "drafted_tokens": sum(o.num_draft_tokens for o in self.outputs if o is not None),
             "accepted_tokens": sum(accepted),
             "rejected_tokens": sum(drafted) - sum(accepted),

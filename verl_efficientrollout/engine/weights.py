@@ -58,3 +58,16 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(f.read(size))
         shapes.update({name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"})
     return shapes
+
+
+def served_weight_shapes(model: str) -> tuple[dict[str, tuple[int, ...]], bool, int | None]:
+    """(HF name -> shape of what a weight update must send, tied embeddings?, vocab size) for
+    ``model`` (a local checkpoint): the checkpoint's tensors, less ``lm_head.weight`` when the
+    embeddings are tied."""
+    shapes = checkpoint_shapes(model)
+    config_file = Path(model) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    tied = bool(config.get("tie_word_embeddings", False))
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    return shapes, tied, config.get("vocab_size")

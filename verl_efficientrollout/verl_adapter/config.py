@@ -41,8 +41,8 @@ class ServerSettings:
 
     @property
     def max_model_len(self) -> int:
-        engine = self.efficient.vllm if self.efficient.engine == "vllm" else self.efficient.native
-        return engine.max_model_len
+        engines = {"vllm": self.efficient.vllm, "sglang": self.efficient.sglang}
+        return engines.get(self.efficient.engine, self.efficient.native).max_model_len
 
 
 def _plain(value: Any) -> Any:
@@ -76,12 +76,13 @@ def efficient_config(rollout_config) -> EfficientRolloutConfig:
     native.setdefault("device", "auto")
     native.setdefault("max_model_len", max_model_len)
     section["native"] = native
-    vllm = dict(section.get("vllm") or {})
-    vllm.setdefault("dtype", rollout_config.dtype)
-    vllm.setdefault("max_model_len", max_model_len)
-    vllm.setdefault("max_num_seqs", rollout_config.max_num_seqs)
-    vllm.setdefault("gpu_memory_utilization", rollout_config.gpu_memory_utilization)
-    section["vllm"] = vllm
+    for engine, memory_key in (("vllm", "gpu_memory_utilization"), ("sglang", "mem_fraction_static")):
+        settings = dict(section.get(engine) or {})
+        settings.setdefault("dtype", rollout_config.dtype)
+        settings.setdefault("max_model_len", max_model_len)
+        settings.setdefault("max_num_seqs", rollout_config.max_num_seqs)
+        settings.setdefault(memory_key, rollout_config.gpu_memory_utilization)
+        section[engine] = settings
     try:
         config = EfficientRolloutConfig.from_dict(section)
     except (TypeError, ValueError) as exc:

@@ -112,6 +112,15 @@ def dry_run(overrides: Sequence[str]) -> DryRunReport:
                                  f"gpu_memory_utilization={v.gpu_memory_utilization} enforce_eager={v.enforce_eager}")
             if importlib.util.find_spec("vllm") is None:
                 warnings.append("engine vllm: vLLM is not installed here (the rollout servers need it)")
+        elif settings.engine == "sglang":
+            from verl_efficientrollout.sglang_backend.engine import server_args
+
+            s = settings.sglang
+            server_args("<model>", settings)  # refuses a controller SGLang cannot honour, naming why
+            efficient["sglang"] = (f"dtype={s.dtype} max_model_len={s.max_model_len} max_num_seqs={s.max_num_seqs} "
+                                   f"mem_fraction_static={s.mem_fraction_static} disable_cuda_graph={s.disable_cuda_graph}")
+            if importlib.util.find_spec("sglang") is None:
+                warnings.append("engine sglang: SGLang is not installed here (the rollout servers need it)")
         else:
             efficient["native"] = (f"dtype={settings.native.dtype} device={settings.native.device} "
                                    f"max_model_len={settings.native.max_model_len}")

@@ -33,12 +33,17 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "max_new_tokens"
 
 def load_engine(settings: ServerSettings):
     """The engine ``settings.efficient.engine`` names, serving ``settings.model_path``: the native
-    engine, or a ``vllm.LLM`` with the int4 self-drafter (``vllm_backend``)."""
+    engine, a ``vllm.LLM`` (``vllm_backend``) or an ``sglang.Engine`` (``sglang_backend``) with the
+    int4 self-drafter."""
     efficient = settings.efficient
     if efficient.engine == "vllm":
         from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
         return VLLMEngine(settings.model_path, efficient, seed=settings.seed)
+    if efficient.engine == "sglang":
+        from verl_efficientrollout.sglang_backend.engine import SGLangEngine
+
+        return SGLangEngine(settings.model_path, efficient, seed=settings.seed)
     from verl_efficientrollout.engine.native import NativeEngine
 
     return NativeEngine.load(settings.model_path, efficient)

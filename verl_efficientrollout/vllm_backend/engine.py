@@ -18,23 +18,20 @@ reload, which re-runs the online int4 quantization from the new weights (``worke
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from verl_efficientrollout.config import EfficientRolloutConfig
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
 from verl_efficientrollout.controller import per_position_counts
-from verl_efficientrollout.engine.weights import checkpoint_shapes, collect_weight_update
+from verl_efficientrollout.engine.weights import collect_weight_update, served_weight_shapes
 from verl_efficientrollout.vllm_backend.compat import (
     platform_engine_args, platform_env, run_requests, shutdown_llm, spec_decode_counters, supported_engine_args,
     vllm_version,
 )
-from verl_efficientrollout.vllm_backend.plugin import quantization_name
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +60,7 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
     args["disable_log_stats"] = False  # vLLM's own counters: the acceptance source where the above is missing
     by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
-        "method": "draft_model", "model": model, "quantization": quantization_name(config.drafter),
+        "method": "draft_model", "model": model, "quantization": config.drafter.method_name,
         "num_speculative_tokens": {"fixed": controller.gamma, "adaptive": controller.gamma_max,
                                    "ladder": max(controller.paper_ladder)}[controller.draft_length],
         "draft_sample_method": "probabilistic",
@@ -83,19 +80,6 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
         speculative["num_speculative_tokens_per_batch_size"] = table
     args["speculative_config"] = speculative
     return args
-
-
-def served_weight_shapes(model: str) -> tuple[dict[str, tuple[int, ...]], bool, int | None]:
-    """(HF name -> shape of what a weight update must send, tied embeddings?, vocab size) for
-    ``model`` (a local checkpoint): the checkpoint's tensors, less ``lm_head.weight`` when the
-    embeddings are tied."""
-    shapes = checkpoint_shapes(model)
-    config_file = Path(model) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    tied = bool(config.get("tie_word_embeddings", False))
-    if tied:
-        shapes.pop("lm_head.weight", None)
-    return shapes, tied, config.get("vocab_size")
 
 
 def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:

@@ -15,13 +15,6 @@ logger = logging.getLogger(__name__)
 _registered = False
 
 
-def quantization_name(drafter_config) -> str:
-    """The vLLM quantization method name of a ``DrafterConfig``."""
-    if drafter_config.recipe == "int8":
-        return "efficient_int8"
-    return f"efficient_int4_g{drafter_config.group_size}"
-
-
 def register() -> None:
     """vLLM calls this in every process of every user who has this package installed, so it
     never raises: an unsupported vLLM leaves the plugin inactive, with a warning."""
@@ -36,13 +29,13 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from verl_efficientrollout.config import INT4_GROUP_SIZES, DrafterConfig
+    from verl_efficientrollout.config import DrafterConfig
     from verl_efficientrollout.vllm_backend import compat
 
     torchao_base, register_quantization_config = compat.torchao_quantization_base()
-    recipes = [DrafterConfig(recipe="int4", group_size=g) for g in INT4_GROUP_SIZES] + [DrafterConfig(recipe="int8")]
+    recipes = DrafterConfig.every_recipe()
     for recipe in recipes:
-        register_quantization_config(quantization_name(recipe))(_quantization_class(torchao_base, recipe))
+        register_quantization_config(recipe.method_name)(_quantization_class(torchao_base, recipe))
     compat.fix_cpu_expand_kernel()
     _registered = True
 
@@ -50,7 +43,7 @@ def _register() -> None:
 def _quantization_class(torchao_base, recipe):
     """A ``TorchAOConfig`` that needs no config file: the torchao config comes from the recipe
     (``drafter.torchao_config``, the one place that knows torchao's names) for this device."""
-    name = quantization_name(recipe)
+    name = recipe.method_name
 
     class EfficientDrafterQuantization(torchao_base):
         def __init__(self, torchao_config=None, skip_modules=None, is_checkpoint_torchao_serialized=False):
