@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from verl_efficientrollout._validate import check_choice, check_float, check_int
-from verl_efficientrollout.config import DTYPES, ENGINES, DrafterConfig, EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout.config import DTYPES, MEASURED_ENGINES, DrafterConfig, EfficientRolloutConfig, SamplingParams
 from verl_efficientrollout.controller import (
     Controller, ControllerConfig, CostModel, CostProfile, Trace, fit_profile, load_profile, simulate, simulate_ar,
 )
@@ -67,7 +67,7 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("BenchConfig", "engine", self.engine, ENGINES)
+        check_choice("BenchConfig", "engine", self.engine, MEASURED_ENGINES)
         if self.dtype == "auto":
             object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
         check_choice("BenchConfig", "dtype", self.dtype, ("auto", *DTYPES))

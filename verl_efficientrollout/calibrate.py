@@ -21,7 +21,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from verl_efficientrollout._validate import check_choice, check_int
-from verl_efficientrollout.config import DTYPES, ENGINES, DrafterConfig, EfficientRolloutConfig, NativeEngineConfig
+from verl_efficientrollout.config import (
+    DTYPES, MEASURED_ENGINES, DrafterConfig, EfficientRolloutConfig, NativeEngineConfig,
+)
 from verl_efficientrollout.controller import ControllerConfig, CostModel, fit_profile, load_profile
 from verl_efficientrollout.controller.cost_model import expected_output_tokens, save_profile
 
@@ -46,7 +48,7 @@ class CalibrateConfig:
     name: str = "measured"
 
     def __post_init__(self) -> None:
-        check_choice("CalibrateConfig", "engine", self.engine, ENGINES)
+        check_choice("CalibrateConfig", "engine", self.engine, MEASURED_ENGINES)
         if self.dtype == "auto":
             object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
         check_choice("CalibrateConfig", "dtype", self.dtype, DTYPES)

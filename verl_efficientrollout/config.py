@@ -91,6 +91,7 @@ class DrafterConfig:
 
 
 ENGINES = ("native", "vllm", "sglang")
+MEASURED_ENGINES = ("native", "vllm")  # what `efficient-rollout bench` and `calibrate` run (not SGLang yet)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -1,4 +1,5 @@
-"""The ``sglang.srt.plugins`` entry point: what SGLang loads in each of its processes."""
+"""The ``sglang.srt.plugins`` entry point (what SGLang loads in each of its processes) and the
+SGLang version check."""
 
 from __future__ import annotations
 
@@ -30,3 +31,25 @@ def test_sglang_loads_our_plugin_and_offers_every_drafter_recipe_as_a_quantizati
     assert all(name in QUANTIZATION_METHODS and name in QUANTIZATION_CHOICES for name in names)
     method = QUANTIZATION_METHODS["efficient_int4_g32"]()  # online: built without a config file
     assert method.get_name() == "efficient_int4_g32" and method.get_config_filenames() == []
+
+
+def test_a_missing_or_unsupported_sglang_fails_with_what_to_install(monkeypatch):
+    import importlib.metadata
+
+    from verl_efficientrollout.sglang_backend import compat
+
+    def version_of(installed):
+        def version(name):
+            if name != "sglang" or installed is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed
+        return version
+
+    monkeypatch.setattr(importlib.metadata, "version", version_of(None))
+    with pytest.raises(ImportError, match=r"SGLang is not installed: pip install 'verl-efficientrollout\[sglang\]'"):
+        compat.sglang_version()
+    monkeypatch.setattr(importlib.metadata, "version", version_of("0.4.9"))
+    with pytest.raises(RuntimeError, match=r"SGLang 0.4.9 is not supported .* sglang>=0.5.12,<0.6.0"):
+        compat.sglang_version()
+    monkeypatch.setattr(importlib.metadata, "version", version_of("0.5.12"))
+    assert compat.sglang_version() == ("0.5.12", (0, 5, 12))
