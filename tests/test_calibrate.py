@@ -67,6 +67,7 @@ def test_calibrate_writes_a_profile_the_controller_loads_and_reports_validation(
                  "--name", "tiny", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "validation on the held-out context 96" in out and "| verify | 4 | 2 |" in out
+    assert (tmp_path / "tiny.calibration.json").is_file()
     profile = load_profile(tmp_path / "tiny.json")
     assert profile.name == "tiny" and profile.target.bandwidth > 0
     controller = Controller(ControllerConfig(profile=str(tmp_path / "tiny.json")))

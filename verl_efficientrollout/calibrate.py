@@ -8,11 +8,13 @@ one step). Either way the roofline profile is fitted to every context but the lo
 measured step time, and how often "speculation pays" (E[accepted + 1] x plain step > speculative
 step, at a few acceptance levels) is decided the same way from the prediction as from the
 measurement. The saved profile is then refitted on all measurements; point the controller at it
-with ``controller.profile: <path>``.
+with ``controller.profile: <path>``. ``<name>.calibration.json`` beside it keeps every measurement
+and the validation.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -95,9 +97,11 @@ def run_calibrate(config: CalibrateConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     profile_path = out_dir / f"{config.name}.json"
     save_profile(profile, profile_path)
-    return {"config": asdict(config), "device": device, "profile_path": str(profile_path),
-            "profile": profile.to_dict(), "held_out_context": contexts[-1], "validation": validation,
-            "measurements": measurements, "seconds": time.perf_counter() - started}
+    report = {"config": asdict(config), "device": device, "profile_path": str(profile_path),
+              "profile": profile.to_dict(), "held_out_context": contexts[-1], "validation": validation,
+              "measurements": measurements, "seconds": time.perf_counter() - started}
+    (out_dir / f"{config.name}.calibration.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def _measure_native(config: CalibrateConfig, contexts: list[int]) -> tuple[list[dict], str]:

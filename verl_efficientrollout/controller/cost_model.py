@@ -19,6 +19,15 @@ one engine step) reports it as kind ``step``: its time is gamma draft forwards p
 so it fits (``fit_profile``) and corrects (``CostModel.observe_step``) the draft and verify
 costs together, against the plain step it is compared with.
 
+A profile's ``structure`` says how forwards make up a step. ``native``: a plain step is one
+target forward; a speculative step is gamma drafter forwards and one verify (our engine, which
+reads the target's KV). ``draft-model``: vLLM's draft_model method, whose drafter keeps a KV cache
+of its own: every step also runs the drafter over the step's tokens (two per row at K = 0, gamma
++ 1 after a verify), then gamma - 1 more one-token drafter forwards. So with T(n), D(n) the
+forwards over n new tokens per row: plain = T(1) + D(2), speculative = T(g + 1) + D(g + 1) +
+(g - 1) D(1), and the cost model's (target, draft, verify) are T(1) + D(2), D(1) and
+T(g + 1) + D(g + 1) - D(1), so that gamma * draft + verify is the whole step.
+
 A ``CostProfile`` holds the constants for one model on one device (fitted by
 ``efficient-rollout calibrate`` or bundled in ``profiles/``); ``CostModel`` adds online
 correction factors learned from measured step times.
@@ -34,7 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from verl_efficientrollout._validate import check_float, check_int, fail
+from verl_efficientrollout._validate import check_choice, check_float, check_int, fail
 
 KINDS = ("target", "draft", "verify")
 
@@ -66,15 +75,23 @@ class StepCost:
         return max(nbytes / self.bandwidth, flops / self.flops_rate) + self.overhead_s + self.row_overhead_s * batch
 
 
+STRUCTURES = ("native", "draft-model")
+
+
 @dataclass(frozen=True)
 class CostProfile:
-    """Step costs of one target model and its drafter on one device."""
+    """Step costs of one target model and its drafter on one device (``structure``: how those
+    forwards make up an engine's steps, see the module docstring)."""
 
     name: str
     device: str
     target: StepCost
     draft: StepCost
     notes: str = ""
+    structure: str = "native"
+
+    def __post_init__(self) -> None:
+        check_choice("CostProfile", "structure", self.structure, STRUCTURES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,28 +158,49 @@ def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, na
     ``measurements``: dicts with ``kind``, ``batch``, ``total_context``, ``gamma`` and
     ``seconds``. Kinds: ``target`` (a plain step), ``draft`` (one drafter forward), ``verify``
     (the target over gamma + 1 new tokens per row) and ``step`` (a whole speculative step, timed
-    as one: gamma draft forwards plus the verify). Target steps and verify forwards fit the
-    target's StepCost; then draft forwards, and whole steps less their fitted verify, fit the
-    draft's (how a whole step splits between the two is loosely determined, its total is what
-    the toggle needs). A coarse log-space grid search minimising the squared log error: a few
-    hundred thousand cheap evaluations.
+    as one). Native measurements (no ``step``) fit each StepCost to its own forwards. Whole-step
+    measurements (vLLM) come from the ``draft-model`` structure, where every step holds target
+    and drafter forwards: the two StepCosts are fitted in turn, each with the other's prediction
+    held fixed, over a few rounds. A coarse log-space grid search minimising the squared log
+    error: a few hundred thousand cheap evaluations per fit.
     """
-    def points(kinds: tuple[str, ...]) -> list[tuple[int, int, int, float, int, float]]:
-        return [(m["batch"], m["total_context"], m["gamma"] + 1 if m["kind"] == "verify" else 1, m["seconds"], 1, 0.0)
-                for m in measurements if m["kind"] in kinds]
+    if not any(m["kind"] == "step" for m in measurements):
+        def points(kinds: tuple[str, ...]) -> list[_Point]:
+            return [(m["batch"], m["total_context"], ((1, m["gamma"] + 1 if m["kind"] == "verify" else 1),),
+                     m["seconds"], 0.0) for m in measurements if m["kind"] in kinds]
 
-    target = _fit_step_cost(base.target, points(("target", "verify")))
-    steps = [(m["batch"], m["total_context"], 1, m["seconds"], m["gamma"],
-              target.time(m["batch"], m["total_context"], m["gamma"] + 1))
-             for m in measurements if m["kind"] == "step"]
-    draft = _fit_step_cost(base.draft, points(("draft",)) + steps)
+        target = _fit_step_cost(base.target, points(("target", "verify")))
+        draft = _fit_step_cost(base.draft, points(("draft",)))
+        structure = "native"
+    else:
+        def split(m: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+            """(target forwards, drafter forwards) of one vLLM step, as (count, new tokens per row)."""
+            g = m["gamma"] if m["kind"] == "step" else 0
+            drafter = ((1, max(g + 1, 2)),) + (((g - 1, 1),) if g > 1 else ())
+            return ((1, g + 1),), drafter
+
+        def given(cost: StepCost, m, terms) -> float:
+            return sum(n * cost.time(m["batch"], m["total_context"], t) for n, t in terms)
+
+        steps = [m for m in measurements if m["kind"] in ("target", "step")]
+        target, draft = base.target, base.draft
+        for _ in range(4):
+            target = _fit_step_cost(base.target, [(m["batch"], m["total_context"], split(m)[0], m["seconds"],
+                                                   given(draft, m, split(m)[1])) for m in steps])
+            draft = _fit_step_cost(base.draft, [(m["batch"], m["total_context"], split(m)[1], m["seconds"],
+                                                 given(target, m, split(m)[0])) for m in steps])
+        structure = "draft-model"
     notes = f"fitted to {len(measurements)} measured step times on this device from {base.name}'s model counts"
-    return CostProfile(name=name, device=device, target=target, draft=draft, notes=notes)
+    return CostProfile(name=name, device=device, target=target, draft=draft, notes=notes, structure=structure)
 
 
-def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float, int, float]]) -> StepCost:
-    """``points``: (batch, total_context, new tokens per row, seconds, count, known): the measured
-    seconds are ``count`` forwards of the fitted StepCost plus ``known`` seconds of other work."""
+# (batch, total_context, ((count, new tokens per row), ...), seconds, known seconds)
+_Point = tuple[int, int, tuple[tuple[int, int], ...], float, float]
+
+
+def _fit_step_cost(base: StepCost, points: list[_Point]) -> StepCost:
+    """Fit one StepCost: each point's seconds are ``count`` forwards of it over so many new tokens
+    per row, for each of its terms, plus ``known`` seconds of other work."""
     if len(points) < 3:
         raise ValueError(f"fit_profile needs at least 3 measured step times per kind, got {len(points)}")
 
@@ -172,9 +210,10 @@ def _fit_step_cost(base: StepCost, points: list[tuple[int, int, int, float, int,
 
     def error(params: tuple[float, float, float]) -> float:
         candidate = make(*params)
-        return sum(math.log((n * candidate.time(b, c, t) + known) / s) ** 2 for b, c, t, s, n, known in points)
+        return sum(math.log(max(sum(n * candidate.time(b, c, t) for n, t in terms) + known, 1e-9) / s) ** 2
+                   for b, c, terms, s, known in points)
 
-    fastest = min(max((s - known) / n, 1e-3 * s) for _, _, _, s, n, known in points)
+    fastest = min(max((s - known) / sum(n for n, _ in terms), 1e-3 * s) for _, _, terms, s, known in points)
     shares = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     coarse = [(fastest * o, fastest * m, 10 ** (r / 4)) for o in shares for m in shares[1:] + (0.95,)
               for r in range(28, 56)]  # FLOP rate 10^7 .. 10^13.75
@@ -250,13 +289,19 @@ class CostModel:
         return log or 0.0
 
     def _raw(self, kind: str, batch: int, total_context: int, gamma: int) -> float:
+        target, draft = self.profile.target, self.profile.draft
+        catch_up = self.profile.structure == "draft-model"  # the drafter runs over every step's tokens
         if kind == "target":
-            return self.profile.target.time(batch, total_context, 1)
+            plain = target.time(batch, total_context, 1)
+            return plain + draft.time(batch, total_context, 2) if catch_up else plain
         if kind == "draft":
-            return self.profile.draft.time(batch, total_context, 1)
+            return draft.time(batch, total_context, 1)
         if kind == "verify":
             check_int("CostModel", "gamma", gamma, low=1)
-            return self.profile.target.time(batch, total_context, gamma + 1)
+            verify = target.time(batch, total_context, gamma + 1)
+            if catch_up:
+                verify += draft.time(batch, total_context, gamma + 1) - draft.time(batch, total_context, 1)
+            return verify
         raise ValueError(f"CostModel kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
     def time(self, kind: str, batch: int, total_context: int, gamma: int = 0) -> float:
