@@ -1,27 +1,36 @@
-"""What "speculation off" (K = 0) still costs on vLLM's draft_model path: time, drafter forwards, KV.
+"""What "speculation off" (K = 0) costs on vLLM: time, drafter forwards, KV capacity, drafter bytes.
 
     .venv-vllm/bin/python examples/vllm_k0_cost.py [--batches 1,4,16] [--tokens 64] [--out DIR]
 
-Two engines on the same KV budget: plain vLLM, and vLLM with the int4 self-drafter whose
-batch-size table schedules K = 0 at every batch (it never drafts). Each decodes the same greedy
-rows (random prompt tokens, no EOS stop); the worker extension counts the draft model's forwards.
-vLLM's draft model keeps a KV cache of its own and runs a forward every step to keep it in sync,
-so the second engine holds fewer KV blocks and pays a drafter forward per step for nothing. The
-paper's drafter reads the target's KV cache and skips itself at K = 0 (not built: see README).
+Three engines on the same KV budget: plain vLLM; vLLM with the int4 self-drafter (our proposer,
+on the target's KV cache); and vLLM's draft_model route with the same int4 recipe. The two
+speculative engines have a batch-size table that schedules K = 0 at every batch (they never
+draft). Each decodes the same greedy rows (random prompt tokens, no EOS stop); each engine is
+timed alone (vLLM engines idling beside a running one slow it, unevenly), in two rounds whose
+order is rotated; the worker extension counts the drafter's forwards. vLLM's draft
+model keeps a KV cache of its own and runs a forward every step to keep it in sync, so that
+engine holds fewer KV blocks and pays a drafter forward per step for nothing; the self-drafter
+holds no KV and runs nothing at K = 0. Drafter bytes: what the drafter holds of its own, against
+the target's weights.
 """
 
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 from verl_efficientrollout.config import EfficientRolloutConfig
 from verl_efficientrollout.models import resolve_model
 
-ENGINES = {  # name -> controller settings
-    "plain vLLM": {"preset": "ar"},
-    "draft_model, K = 0": {"toggle": "threshold", "draft_length": "fixed", "gamma": 3, "threshold_batch_size": 0},
+NEVER = {"toggle": "threshold", "draft_length": "fixed", "gamma": 3, "threshold_batch_size": 0}  # K = 0 always
+ENGINES = {  # name -> (controller settings, drafter route)
+    "plain vLLM": ({"preset": "ar"}, "self"),
+    "self-drafter, K = 0": (NEVER, "self"),
+    "draft_model, K = 0": (NEVER, "draft-model"),
 }
 
 
@@ -45,43 +54,76 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(10, 40000) for _ in range(args.prompt_tokens)]}
                for _ in range(max(batches))]
-    report = {"vllm": vllm_version()[0], "drafter": args.drafter, "tokens": args.tokens, "engines": {}}
-    for name, controller in ENGINES.items():
-        config = EfficientRolloutConfig.from_dict({"engine": "vllm", "drafter": args.drafter, "controller": controller,
-                                                   "vllm": {"max_model_len": args.prompt_tokens + args.tokens + 16,
-                                                            "max_num_seqs": max(batches)}})
-        engine = VLLMEngine(model, config)
-        try:
-            cache = engine.llm.llm_engine.vllm_config.cache_config
-            params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
-            run_requests(engine.llm, prompts[:1], [params])  # warm-up
-            rows = {}
-            for batch in batches:
-                before = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
-                seconds = []
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    run_requests(engine.llm, prompts[:batch], [params] * batch)
-                    seconds.append(time.perf_counter() - start)
-                after = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
-                rows[batch] = {"seconds": min(seconds),
-                               "drafter_forwards": (after["forwards"] - before["forwards"]) / args.repeats,
-                               "drafter_tokens": (after["tokens"] - before["tokens"]) / args.repeats}
-            report["engines"][name] = {"kv_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
-                                       "kv_tokens": cache.num_gpu_blocks * cache.block_size, "batches": rows}
-        finally:
-            engine.close()
-    plain, k0 = (report["engines"][name] for name in ENGINES)
-    print(f"vLLM {report['vllm']}, drafter {args.drafter}, {args.tokens} new tokens per row, best of {args.repeats}")
-    print(f"KV cache on the same budget: plain {plain['kv_tokens']} tokens, with the draft model {k0['kv_tokens']}")
-    print("| rows | plain s | K = 0 s | K = 0 / plain | drafter forwards per rollout | drafter tokens per rollout |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for batch in batches:
-        p, k = plain["batches"][batch], k0["batches"][batch]
-        print(f"| {batch} | {p['seconds']:.2f} | {k['seconds']:.2f} | {k['seconds'] / p['seconds']:.2f} | "
-              f"{k['drafter_forwards']:.0f} | {k['drafter_tokens']:.0f} |")
+    report = {"vllm": vllm_version()[0], "drafter": args.drafter, "tokens": args.tokens, "prompt_tokens":
+              args.prompt_tokens, "repeats": args.repeats, "engines": {}}
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    seconds = {(name, batch): [] for name in ENGINES for batch in batches}
+    forwards = {name: {batch: [0, 0] for batch in batches} for name in ENGINES}
+    rounds = 2  # each engine timed alone (idle engines beside it slow it unevenly), the order rotated per round
+    with tqdm(total=rounds * len(ENGINES), desc="engines") as progress:
+        for round_ in range(rounds):
+            for name in _rotated(list(ENGINES), round_):
+                controller, proposer = ENGINES[name]
+                config = EfficientRolloutConfig.from_dict({
+                    "engine": "vllm", "drafter": args.drafter, "controller": controller,
+                    "vllm": {"max_model_len": args.prompt_tokens + args.tokens + 16, "max_num_seqs": max(batches),
+                             "proposer": proposer}})
+                engine = VLLMEngine(model, config)
+                try:
+                    run_requests(engine.llm, prompts[:1], [params])  # warm-up
+                    for repeat in range(args.repeats):
+                        for batch in batches:
+                            before = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
+                            start = time.perf_counter()
+                            run_requests(engine.llm, prompts[:batch], [params] * batch)
+                            seconds[name, batch].append(time.perf_counter() - start)
+                            after = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
+                            forwards[name][batch][0] += after["forwards"] - before["forwards"]
+                            forwards[name][batch][1] += after["tokens"] - before["tokens"]
+                    cache = engine.llm.llm_engine.vllm_config.cache_config
+                    report["engines"][name] = {
+                        "proposer": engine.proposer, "kv_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+                        "kv_tokens": cache.num_gpu_blocks * cache.block_size,
+                        "drafter_bytes": engine.drafter_status().get("drafter_bytes"),
+                        "target_bytes": engine.weight_bytes}
+                finally:
+                    engine.close()
+                progress.update()
+    timed = rounds * args.repeats
+    for name in ENGINES:
+        report["engines"][name]["batches"] = {
+            batch: {"seconds": statistics.median(seconds[name, batch]), "all_seconds": seconds[name, batch],
+                    "drafter_forwards": forwards[name][batch][0] / timed,
+                    "drafter_tokens": forwards[name][batch][1] / timed} for batch in batches}
+    print(format_report(report))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vllm_k0_cost.json").write_text(json.dumps(report, indent=2))
+
+
+def _rotated(names: list[str], repeat: int) -> list[str]:
+    return names[repeat % len(names):] + names[: repeat % len(names)]
+
+
+def format_report(report: dict) -> str:
+    plain, own, draft_model = (report["engines"][name] for name in ENGINES)
+    batches = list(plain["batches"])
+    lines = [f"vLLM {report['vllm']}, drafter {report['drafter']}, {report['prompt_tokens']} prompt + "
+             f"{report['tokens']} new tokens per row, median (min-max) of 2 rounds x {report['repeats']} repeats", "",
+             "| engine | KV tokens on the same budget | drafter bytes / target's |", "| --- | --- | --- |"]
+    for name, e in report["engines"].items():
+        share = "-" if not e["drafter_bytes"] else f"{e['drafter_bytes'] / e['target_bytes']:.3f}"
+        lines.append(f"| {name} | {e['kv_tokens']} | {share} |")
+    lines += ["", "| rows | plain s | self-drafter K = 0 s | / plain | drafter forwards | draft_model K = 0 s | / plain "
+              "| drafter forwards |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def spread(row) -> str:
+        return f"{row['seconds']:.2f} ({min(row['all_seconds']):.2f}-{max(row['all_seconds']):.2f})"
+
+    for batch in batches:
+        p, o, d = (e["batches"][batch] for e in (plain, own, draft_model))
+        lines.append(f"| {batch} | {spread(p)} | {spread(o)} | {o['seconds'] / p['seconds']:.3f} | "
+                     f"{o['drafter_forwards']:.0f} | {spread(d)} | {d['seconds'] / p['seconds']:.3f} | "
+                     f"{d['drafter_forwards']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

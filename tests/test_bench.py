@@ -10,7 +10,10 @@ from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
     "kwargs, message",
     [
         ({"modes": ("sd-always",)}, "must include 'ar'"),
-        ({"modes": ("ar", "fast")}, r"BenchConfig.modes must be a non-empty selection of ar, sd-always"),
+        ({"modes": ("ar", "fast")}, r"BenchConfig.modes must be a selection of ar, sd-always, .* for engine native"),
+        ({"modes": ("ar", "draft-model")}, r"BenchConfig.modes must be a selection of .*efficient for engine native"),
+        ({"workload": "chat"}, r"BenchConfig.workload must be one of 'math', 'short'"),
+        ({"workload": "short", "prompts": 5}, r"BenchConfig.prompts must be"),
         ({"drafter": "int2"}, "drafter recipe must be one of"),
         ({"prompts": 0}, r"BenchConfig.prompts must be"),
         ({"repeats": 0}, r"BenchConfig.repeats must be"),
@@ -22,6 +25,11 @@ from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
 def test_bad_bench_settings_fail_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_modes_default_to_every_mode_of_the_engine():
+    assert BenchConfig().modes == ("ar", "sd-always", "threshold", "paper", "efficient")
+    assert BenchConfig(engine="vllm").modes == ("ar", "sd-always", "threshold", "paper", "efficient", "draft-model")
 
 
 def test_auto_dtype_is_float32_for_the_native_engine_and_bfloat16_for_vllm():

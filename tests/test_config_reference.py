@@ -1,10 +1,10 @@
-"""The configuration reference comes from the validators themselves and the README's copy is current."""
+"""The configuration reference comes from the validators themselves and docs/configuration.md's copy is current."""
 
 from pathlib import Path
 
 from verl_efficientrollout.cli import main
 from verl_efficientrollout.config import NativeEngineConfig
-from verl_efficientrollout.config_reference import README_END, README_START, allowed_values, reference_markdown
+from verl_efficientrollout.config_reference import DOC_END, DOC_PAGE, DOC_START, allowed_values, reference_markdown
 from verl_efficientrollout.controller import ControllerConfig
 
 
@@ -21,10 +21,11 @@ def test_every_field_of_every_section_is_listed():
         assert f"| `{key}` |" in text
 
 
-def test_the_readme_carries_the_current_reference():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    assert block == reference_markdown(), "README is stale: paste `efficient-rollout config-reference` into it"
+def test_the_configuration_page_carries_the_current_reference():
+    page = (Path(__file__).parents[1] / DOC_PAGE).read_text()
+    assert page.count(DOC_START) == 1 and page.count(DOC_END) == 1, f"{DOC_PAGE} must hold the markers once"
+    block = page.split(DOC_START, 1)[1].split(DOC_END, 1)[0].strip()
+    assert block == reference_markdown(), f"{DOC_PAGE} is stale: paste `efficient-rollout config-reference` into it"
 
 
 def test_the_cli_prints_it(capsys):

@@ -1,10 +1,10 @@
-"""The metrics reference documents exactly the keys the code reports, and the README carries it."""
+"""The metrics reference documents exactly the keys the code reports, and docs/metrics.md carries it."""
 
 from pathlib import Path
 
 from verl_efficientrollout.cli import main
 from verl_efficientrollout.engine.base import RequestOutput, RolloutResult
-from verl_efficientrollout.metrics import README_END, README_START, ROLLOUT_SUMMARY, metrics_markdown
+from verl_efficientrollout.metrics import DOC_END, DOC_PAGE, DOC_START, ROLLOUT_SUMMARY, metrics_markdown
 
 
 def test_rollout_summary_reports_exactly_the_documented_keys():
@@ -16,9 +16,10 @@ def test_rollout_summary_reports_exactly_the_documented_keys():
     assert summary["mean_acceptance_length"] == 3.0 and summary["gamma_histogram"] == {0: 1, 2: 1}
 
 
-def test_the_readme_carries_the_current_metrics_reference(capsys):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
-    assert block == metrics_markdown(), "README is stale: paste `efficient-rollout metrics-reference` into it"
+def test_the_metrics_page_carries_the_current_metrics_reference(capsys):
+    page = (Path(__file__).parents[1] / DOC_PAGE).read_text()
+    assert page.count(DOC_START) == 1 and page.count(DOC_END) == 1, f"{DOC_PAGE} must hold the markers once"
+    block = page.split(DOC_START, 1)[1].split(DOC_END, 1)[0].strip()
+    assert block == metrics_markdown(), f"{DOC_PAGE} is stale: paste `efficient-rollout metrics-reference` into it"
     assert main(["metrics-reference"]) == 0
     assert capsys.readouterr().out.strip() == metrics_markdown()

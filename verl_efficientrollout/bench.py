@@ -36,12 +36,15 @@ from verl_efficientrollout.config import DTYPES, MEASURED_ENGINES, DrafterConfig
 from verl_efficientrollout.controller import (
     Controller, ControllerConfig, CostModel, CostProfile, Trace, fit_profile, load_profile, simulate, simulate_ar,
 )
-from verl_efficientrollout.data import chat_prompt_ids, math_problems
+from verl_efficientrollout.data import SHORT_ANSWER_QUESTIONS, chat_ids, chat_prompt_ids, math_problems
 from verl_efficientrollout.engine.base import Request, RolloutResult
 from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig
 from verl_efficientrollout.reports import save_report
 
 MODES = ("ar", "sd-always", "threshold", "paper", "efficient")
+# vLLM also runs its draft_model route (the drafter with a KV cache of its own), fixed gamma: for comparison.
+VLLM_MODES = (*MODES, "draft-model")
+WORKLOADS = ("math", "short")  # bundled math problems (long answers, a cap some rows hit) or short answers
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -54,12 +57,13 @@ class BenchConfig:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (native engine)
     drafter: str = "int4-g32"
+    workload: str = "math"
     prompts: int = 4
     samples: int = 4
     max_new_tokens: int = 256
     temperature: float = 1.0
     repeats: int = 2
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = ()  # (): every mode of the engine
     gamma: int = 4  # sd-always and threshold
     threshold_batch_size: int = 4
     # Scenario 2: policy updates as weight noise relative to each decoder linear's std.
@@ -73,7 +77,9 @@ class BenchConfig:
         check_choice("BenchConfig", "dtype", self.dtype, ("auto", *DTYPES))
         NativeEngineConfig(dtype=self.dtype, device=self.device)  # validates the device
         DrafterConfig.from_name(self.drafter)
-        check_int("BenchConfig", "prompts", self.prompts, low=1, high=len(math_problems()))
+        check_choice("BenchConfig", "workload", self.workload, WORKLOADS)
+        check_int("BenchConfig", "prompts", self.prompts, low=1,
+                  high=len(math_problems()) if self.workload == "math" else len(SHORT_ANSWER_QUESTIONS))
         check_int("BenchConfig", "samples", self.samples, low=1)
         check_int("BenchConfig", "max_new_tokens", self.max_new_tokens, low=1)
         check_float("BenchConfig", "temperature", self.temperature, low=0.0)
@@ -82,16 +88,24 @@ class BenchConfig:
         check_int("BenchConfig", "threshold_batch_size", self.threshold_batch_size, low=0)
         for p in self.perturbations:
             check_float("BenchConfig", "perturbations", p, low=0.0, low_open=True)
-        if not self.modes or any(m not in MODES for m in self.modes):
-            raise ValueError(f"BenchConfig.modes must be a non-empty selection of {', '.join(MODES)}, got {self.modes!r}")
+        allowed = VLLM_MODES if self.engine == "vllm" else MODES
+        if not self.modes:
+            object.__setattr__(self, "modes", allowed)
+        if any(m not in allowed for m in self.modes):
+            raise ValueError(f"BenchConfig.modes must be a selection of {', '.join(allowed)} for engine "
+                             f"{self.engine}, got {self.modes!r}")
         if "ar" not in self.modes:
             raise ValueError("BenchConfig.modes must include 'ar': every ratio is against it")
 
 
 def workload(tokenizer, config: BenchConfig) -> list[Request]:
-    """The GRPO-like batch: the first ``prompts`` bundled math problems x ``samples`` each."""
+    """The GRPO-like batch: the first ``prompts`` bundled math problems (or short-answer
+    questions, ``workload="short"``) x ``samples`` each."""
     params = SamplingParams(temperature=config.temperature)
-    prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[: config.prompts]]
+    if config.workload == "short":
+        prompts = [tuple(chat_ids(tokenizer, q)) for q in SHORT_ANSWER_QUESTIONS[: config.prompts]]
+    else:
+        prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[: config.prompts]]
     return [Request(p, config.max_new_tokens, params, f"{i}-{s}") for i, p in enumerate(prompts)
             for s in range(config.samples)]
 

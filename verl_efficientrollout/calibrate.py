@@ -86,14 +86,14 @@ def run_calibrate(config: CalibrateConfig, out_dir: Path) -> dict:
     if config.engine == "vllm":
         from verl_efficientrollout.vllm_backend.calibrate import measure_vllm_step_costs
 
-        measurements, device = measure_vllm_step_costs(config)
+        measurements, device, structure = measure_vllm_step_costs(config)
     else:
-        measurements, device = _measure_native(config, contexts)
+        (measurements, device), structure = _measure_native(config, contexts), "native"
     base = load_profile(ControllerConfig().profile)  # the model's byte and FLOP counts
     held_out = [m for m in measurements if m["context"] == contexts[-1]]
-    fitted = fit_profile([m for m in measurements if m not in held_out], base, config.name, device)
+    fitted = fit_profile([m for m in measurements if m not in held_out], base, config.name, device, structure)
     validation = validate(CostModel(fitted, refine_rate=0.0), held_out, config.gammas)
-    profile = fit_profile(measurements, base, config.name, device)
+    profile = fit_profile(measurements, base, config.name, device, structure)
     out_dir.mkdir(parents=True, exist_ok=True)
     profile_path = out_dir / f"{config.name}.json"
     save_profile(profile, profile_path)

@@ -35,12 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto", help="auto (float32 native, bfloat16 vllm), float32, bfloat16, float16")
     bench.add_argument("--device", default=b.device, help="auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N")
     bench.add_argument("--drafter", default=b.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
+    bench.add_argument("--workload", default=b.workload, help="math (bundled problems, long answers) or short "
+                       "(short-answer questions)")
     bench.add_argument("--prompts", type=int, default=b.prompts)
     bench.add_argument("--samples", type=int, default=b.samples)
     bench.add_argument("--max-new-tokens", type=int, default=b.max_new_tokens)
     bench.add_argument("--temperature", type=float, default=b.temperature)
     bench.add_argument("--repeats", type=int, default=b.repeats)
-    bench.add_argument("--modes", type=_csv(str), default=b.modes, help="from ar,sd-always,threshold,paper,efficient")
+    bench.add_argument("--modes", type=_csv(str), default=(), help="from ar,sd-always,threshold,paper,efficient "
+                       "(vllm: also draft-model); default: all of the engine's")
     bench.add_argument("--gamma", type=int, default=b.gamma, help="gamma of sd-always and threshold")
     bench.add_argument("--threshold-batch-size", type=int, default=b.threshold_batch_size)
     bench.add_argument("--perturbations", type=_csv(float), default=b.perturbations)

@@ -111,9 +111,21 @@ class NativeEngineConfig:
             raise ValueError(f"NativeEngineConfig.device must be one of auto, cpu, cuda, cuda:N, got {device!r}")
 
 
+VLLM_PROPOSERS = ("self", "draft-model")
+# vllm.LLM arguments the backend sets itself: llm_args may not override them.
+VLLM_MANAGED_ARGS = ("model", "speculative_config", "scheduler_cls", "worker_cls", "worker_extension_cls",
+                     "additional_config", "seed")
+
+
 @dataclass(frozen=True)
 class VLLMEngineConfig:
-    """The vLLM backend's own settings (``vllm.LLM`` arguments this add-on sets)."""
+    """The vLLM backend's own settings (``vllm.LLM`` arguments this add-on sets).
+
+    ``proposer``: ``self`` (default), the int4 self-drafter on the target's KV cache (no KV of its
+    own, nothing run at K = 0); ``draft-model``, vLLM's ``draft_model`` method with the same int4
+    recipe (its drafter keeps a KV cache of its own and runs a forward every step): the old route,
+    for comparison. ``llm_args``: further ``vllm.LLM`` keyword arguments, passed as given (vLLM
+    validates them when the engine starts), except those the backend sets itself."""
 
     dtype: str = "bfloat16"
     max_model_len: int = 2048
@@ -121,8 +133,19 @@ class VLLMEngineConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.5  # CUDA only
     cpu_kv_cache_gib: float = 2.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    proposer: str = "self"
+    llm_args: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a dict: left out of the hash
 
     def __post_init__(self) -> None:
+        check_choice("VLLMEngineConfig", "proposer", self.proposer, VLLM_PROPOSERS)
+        if not isinstance(self.llm_args, Mapping) or not all(isinstance(k, str) for k in self.llm_args):
+            raise ValueError(f"VLLMEngineConfig.llm_args must be a mapping of vllm.LLM argument names to values, "
+                             f"got {self.llm_args!r}")
+        managed = sorted(set(self.llm_args) & set(VLLM_MANAGED_ARGS))
+        if managed:
+            raise ValueError(f"VLLMEngineConfig.llm_args may not set {managed}: the backend sets "
+                             f"{', '.join(VLLM_MANAGED_ARGS)} itself")
+        object.__setattr__(self, "llm_args", dict(self.llm_args))
         check_choice("VLLMEngineConfig", "dtype", self.dtype, DTYPES)
         check_int("VLLMEngineConfig", "max_model_len", self.max_model_len, low=2)
         check_int("VLLMEngineConfig", "max_num_seqs", self.max_num_seqs, low=1)

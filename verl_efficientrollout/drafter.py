@@ -136,7 +136,7 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
                        "of the group size %d), e.g. %s", config.name, len(misfits), len(misfits) + len(selected),
                        config.group_size, misfits[0])
     drafter = _shallow_clone(target)
-    activation_dtype = _activation_dtype(config, backend, next(target.parameters()).dtype)
+    compute_dtype = activation_dtype(config, backend, next(target.parameters()).dtype)
     try:
         from torchao.quantization import quantize_
 
@@ -145,12 +145,12 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
             parent_name, _, leaf = fqn.rpartition(".")
             parent = drafter.get_submodule(parent_name)
             linear = getattr(parent, leaf)
-            if activation_dtype is not None:
-                linear = _cast_copy(linear, activation_dtype)
+            if compute_dtype is not None:
+                linear = _cast_copy(linear, compute_dtype)
             quantize_(linear, ao_config)
             if _is_plain(linear.weight):
                 raise DrafterBuildError(f"torchao left {fqn} unquantized ({config.name})")
-            setattr(parent, leaf, linear if activation_dtype is None else _CastActivations(linear, activation_dtype))
+            setattr(parent, leaf, linear if compute_dtype is None else _CastActivations(linear, compute_dtype))
     except DrafterBuildError:
         raise
     except Exception as exc:  # torchao raises many kinds; all mean "no drafter"
@@ -170,7 +170,7 @@ class _CastActivations(nn.Module):
         return self.linear(x.to(self.dtype)).to(x.dtype)
 
 
-def _activation_dtype(config: DrafterConfig, backend: str, target_dtype: torch.dtype) -> torch.dtype | None:
+def activation_dtype(config: DrafterConfig, backend: str, target_dtype: torch.dtype) -> torch.dtype | None:
     """An int4 drafter of a non-bf16 target computes its linears in bf16: CUDA's tinygemm packing
     takes bf16 only, and aten's CPU int4 kernel is fast with bf16 activations only (7x slower in
     fp32 on an AVX2 CPU, measured)."""
@@ -217,11 +217,11 @@ def _is_plain(tensor: torch.Tensor) -> bool:
     return type(tensor) in (torch.Tensor, nn.Parameter) or type(tensor.data) is torch.Tensor
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor) -> int:
     if _is_plain(tensor):
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()  # torchao tensor subclasses: sum their inner tensors
-    return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
 
 
 def _unique_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
@@ -235,16 +235,16 @@ def _report(target, drafter, selected, skipped, config, backend, weights_version
     target_tensors, drafter_tensors = _unique_tensors(target), _unique_tensors(drafter)
     shared = {k: t for k, t in drafter_tensors.items() if k in target_tensors}
     owned = {k: t for k, t in drafter_tensors.items() if k not in target_tensors}
-    source = sum(_tensor_bytes(target.get_submodule(fqn).weight) for fqn in selected)
+    source = sum(tensor_bytes(target.get_submodule(fqn).weight) for fqn in selected)
     return DrafterReport(
         recipe=config.name,
         backend=backend,
         weights_version=weights_version,
         quantized_layers=len(selected),
         skipped_layers=skipped,
-        target_bytes=sum(_tensor_bytes(t) for t in target_tensors.values()),
-        shared_bytes=sum(_tensor_bytes(t) for t in shared.values()),
-        drafter_bytes=sum(_tensor_bytes(t) for t in owned.values()),
+        target_bytes=sum(tensor_bytes(t) for t in target_tensors.values()),
+        shared_bytes=sum(tensor_bytes(t) for t in shared.values()),
+        drafter_bytes=sum(tensor_bytes(t) for t in owned.values()),
         quantized_source_bytes=source,
         build_seconds=time.perf_counter() - start,
     )

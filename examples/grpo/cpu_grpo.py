@@ -10,8 +10,14 @@ cannot do without a GPU (its FSDP actor) is replaced by the smallest honest trai
 model in float32 on CPU, one AdamW step per rollout on the policy-gradient loss with the GRPO
 advantages. The reward (``--reward answer``) is answer correctness on the bundled math problems
 (1.0), with 0.1 for a well-formed wrong answer ("The answer is N.") so a 135M model gets a
-gradient at all; ``--reward digits`` (the share of the response's characters that are digits)
-almost always differs between samples, so every step has a gradient even for very short responses.
+gradient at all; ``--reward digits`` is the share of the response's characters that are digits.
+``--reward ordinal`` is for smoke tests only: the sample's index within its group (0 for the first,
+1 for the last), so every group's rewards differ by construction and every step has a non-zero
+advantage, whatever was sampled (it teaches the model nothing about the task).
+
+As verl's trainer does, the trainer's weights are synced to the rollout once before the first
+rollout: every step, the first included, samples exactly the policy being trained (the log-prob
+gap between trainer and rollout is ~1e-6 per token at every step).
 
 Per step it prints the reward, the rollout time, speculative decoding's acceptance (verl's own
 ``rollout/spec_*`` metrics), the drafter rebuild time and how far the weights moved; the table and
@@ -58,6 +64,17 @@ def reward(response: str, answer: str) -> float:
     if match is None:
         return 0.0
     return 1.0 if match.group(1).replace(",", "").rstrip(".") == answer else 0.1
+
+
+def step_rewards(kind: str, texts: list[str], rows: list, samples: int) -> torch.Tensor:  # [rows]
+    """The rewards of one step's responses (rows are grouped: ``samples`` consecutive rows per prompt)."""
+    if kind == "answer":
+        return torch.tensor([reward(t, p.answer) for t, p in zip(texts, rows)])
+    if kind == "digits":
+        return torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts])
+    if kind == "ordinal":  # distinct within every group by construction
+        return torch.tensor([(i % samples) / max(samples - 1, 1) for i in range(len(texts))])
+    raise ValueError(f"reward must be one of answer, digits, ordinal, got {kind!r}")
 
 
 def trainer_config(model_dir: str, args):
@@ -158,6 +175,9 @@ def train(args, agents, rollout_config, model_dir: str) -> list[StepReport]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    # verl's trainer syncs the actor's weights to the rollout before its first rollout: do the same, so
+    # step 1 samples the policy being trained whatever the server served before.
+    asyncio.run(sender.update_weights(iter(policy.state_dict().items()), global_steps=0))
     problems = math_problems()
     reports = []
     for step in tqdm(range(1, args.steps + 1), desc="GRPO steps", unit="step"):
@@ -169,10 +189,7 @@ def train(args, agents, rollout_config, model_dir: str) -> list[StepReport]:
         mask = output.batch["response_mask"]
         texts = tokenizer.batch_decode(output.batch["responses"] * mask, skip_special_tokens=True)
         lengths = mask.sum(-1)
-        if args.reward == "answer":
-            rewards = torch.tensor([reward(t, p.answer) for t, p in zip(texts, rows)])
-        else:
-            rewards = torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts])
+        rewards = step_rewards(args.reward, texts, rows, args.samples)
         token_rewards = torch.zeros(mask.shape)
         token_rewards[torch.arange(len(rows)), (lengths - 1).clamp(min=0)] = rewards
         uid = np.array([str(i // args.samples) for i in range(len(rows))], dtype=object)
@@ -235,10 +252,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--drafter", default="int4-g32", help="drafter recipe, e.g. int4-g32, int4-g64")
     parser.add_argument("--preset", default="efficient", help="controller preset: efficient, sd-always, paper, ar")
-    parser.add_argument("--reward", default="answer", choices=("answer", "digits"))
+    parser.add_argument("--reward", default="answer", choices=("answer", "digits", "ordinal"),
+                        help="answer: correctness (0.1 for a well-formed wrong answer); digits: share of digit "
+                             "characters; ordinal: the sample's index in its group (smoke tests: a gradient by "
+                             "construction)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/cpu_grpo"))
     args = parser.parse_args(argv)
+    if args.samples < 2:
+        parser.error(f"--samples must be >= 2 (GRPO's advantage compares samples of one prompt), got {args.samples}")
     if args.steps * args.prompts > 32:
         parser.error(f"--steps x --prompts must be <= 32 (the bundled problems), got {args.steps * args.prompts}")
     return args

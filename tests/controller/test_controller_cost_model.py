@@ -171,18 +171,20 @@ def test_fit_profile_recovers_a_device_from_its_measured_step_times():
         fit_profile(measured[:2], base, "x", "y")
 
 
-def test_fit_profile_recovers_vllms_step_costs_from_whole_steps():
-    """vLLM times a step only as a whole, and its draft model runs in every step (structure
-    ``draft-model``): fitted on plain steps and whole steps at gammas 1, 2, 4, 8, the profile
-    predicts both at other batches and draft lengths (how a step splits between the target's and
-    the drafter's forwards is loosely determined; the toggle only needs whole steps)."""
+@pytest.mark.parametrize("structure", ["draft-model", "native"])
+def test_fit_profile_recovers_vllms_step_costs_from_whole_steps(structure):
+    """vLLM times a step only as a whole: with vLLM's draft model (structure ``draft-model``) the
+    drafter runs in every step, with our self-drafter (``native``) only in speculative ones.
+    Fitted on plain steps and whole steps at gammas 1, 2, 4, 8, the profile predicts both at other
+    batches and draft lengths (how a step splits between the target's and the drafter's forwards
+    is loosely determined; the toggle only needs whole steps)."""
     import dataclasses
 
     from verl_efficientrollout.controller import fit_profile
 
     base = load_profile("cpu-smollm2-135m")
     device = dataclasses.replace(
-        base, structure="draft-model",
+        base, structure=structure,
         target=dataclasses.replace(base.target, bandwidth=5e9, flops_rate=6e10, overhead_s=0.01),
         draft=dataclasses.replace(base.draft, bandwidth=8e9, flops_rate=3e10, overhead_s=0.012),
     )
@@ -191,9 +193,13 @@ def test_fit_profile_recovers_vllms_step_costs_from_whole_steps():
     def whole_step(model, batch, ctx, gamma):
         return gamma * model.draft_time(batch, ctx) + model.verify_time(batch, ctx, gamma)
 
-    assert truth.target_time(1, 300) == pytest.approx(device.target.time(1, 300) + device.draft.time(1, 300, 2))
-    assert whole_step(truth, 1, 300, 3) == pytest.approx(
-        device.target.time(1, 300, 4) + device.draft.time(1, 300, 4) + 2 * device.draft.time(1, 300))
+    if structure == "draft-model":
+        assert truth.target_time(1, 300) == pytest.approx(device.target.time(1, 300) + device.draft.time(1, 300, 2))
+        assert whole_step(truth, 1, 300, 3) == pytest.approx(
+            device.target.time(1, 300, 4) + device.draft.time(1, 300, 4) + 2 * device.draft.time(1, 300))
+    else:
+        assert truth.target_time(1, 300) == pytest.approx(device.target.time(1, 300))
+        assert whole_step(truth, 1, 300, 3) == pytest.approx(device.target.time(1, 300, 4) + 3 * device.draft.time(1, 300))
     measured = []
     for batch in (1, 2, 4, 8, 16):
         ctx = batch * 300
@@ -201,9 +207,9 @@ def test_fit_profile_recovers_vllms_step_costs_from_whole_steps():
                          "seconds": truth.target_time(batch, ctx)})
         measured += [{"kind": "step", "batch": batch, "total_context": ctx, "gamma": gamma,
                       "seconds": whole_step(truth, batch, ctx, gamma)} for gamma in (1, 2, 4, 8)]
-    profile = fit_profile(measured, base, "fitted", "test")
+    profile = fit_profile(measured, base, "fitted", "test", structure)
     fitted = CostModel(profile, refine_rate=0.0)
-    assert profile.structure == "draft-model"
+    assert profile.structure == structure
     for batch, gamma in ((1, 3), (4, 6), (12, 2), (2, 8)):
         ctx = batch * 300
         assert whole_step(fitted, batch, ctx, gamma) == pytest.approx(whole_step(truth, batch, ctx, gamma), rel=0.1)

@@ -71,6 +71,13 @@ def test_roofline_holds_for_min_dwell_steps_after_a_switch():
     assert got == [T, T, T, F, F, F, T]
 
 
+def test_each_rollout_starts_with_the_roofline_toggle_off_whatever_the_last_one_ended_with():
+    ctrl = controller(toggle="roofline", min_dwell_steps=8)
+    assert run(ctrl, [1, 1, 1]) == [T, T, T]  # the tail of a rollout: few rows, on (and held for 8 steps)
+    ctrl.begin_rollout()
+    assert run(ctrl, [20, 20, 1]) == [F, F, T]  # a new full batch: off at once, on again in its tail
+
+
 def switches(decisions):
     return sum(a != b for a, b in zip(decisions, decisions[1:]))
 

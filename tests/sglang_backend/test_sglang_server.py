@@ -44,6 +44,8 @@ def test_concurrent_calls_decode_as_one_sglang_batch_and_a_weight_update_is_all_
     partial = {k: v for k, v in updated.items() if "layers.5." not in k}
 
     async def scenario():
+        await server.get_metrics()  # the module's server is shared: drop what earlier tests' batches left
+        version = server.engine.weights_version
         before = [o.token_ids for o in await verl_calls.serve(server, requests)]
         metrics = await server.get_metrics()
         with pytest.raises(ValueError, match="weight update rejected"):
@@ -53,11 +55,11 @@ def test_concurrent_calls_decode_as_one_sglang_batch_and_a_weight_update_is_all_
         served = [o.token_ids for o in await verl_calls.serve(server, requests)]
         await verl_calls.send_weights(server, original_weights, global_steps=2)
         restored = [o.token_ids for o in await verl_calls.serve(server, requests)]
-        return before, metrics, after_bad, report, served, restored
+        return version, before, metrics, after_bad, report, served, restored
 
-    before, metrics, after_bad, report, served, restored = run(scenario())
-    assert metrics[0]["batch"] == len(requests)  # verl's per-sample calls became one engine batch
-    assert after_bad == before and report["weights_version"] == 1
+    version, before, metrics, after_bad, report, served, restored = run(scenario())
+    assert [m["batch"] for m in metrics] == [len(requests)]  # verl's per-sample calls became one engine batch
+    assert after_bad == before and report["weights_version"] == version + 1
     assert served != before and restored == before
 
 

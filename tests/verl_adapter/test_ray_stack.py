@@ -58,6 +58,25 @@ def agents(servers, trainer_config):
     return AgentLoopManager.create(trainer_config, llm_client=servers.get_client())
 
 
+@pytest.fixture(scope="module")
+def weight_sender(servers, default_model_dir):
+    """verl's worker-side rollout class, which streams weights to the module's server."""
+    from verl.workers.config import HFModelConfig
+    from verl.workers.rollout.base import get_rollout_class
+
+    os.environ.setdefault("RANK", "0")
+    return get_rollout_class("efficient", "async")(
+        config=servers.get_replicas()[0].config, model_config=HFModelConfig(path=default_model_dir), device_mesh=None)
+
+
+@pytest.fixture
+def restores_default_weights(weight_sender, original_weights):
+    """The module's server is shared: a test that changes its weights gets the default model's back
+    afterwards, whatever it did and however it ended."""
+    yield
+    asyncio.run(weight_sender.update_weights(iter(original_weights.items()), global_steps=0))
+
+
 def _batch(questions: list[str], samples: int):
     from verl import DataProto
 
@@ -78,10 +97,9 @@ def _spec_metrics(output) -> dict:
 
 
 def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, agents, trainer_config,
-                                                                     default_model_dir):
+                                                                     default_model_dir, weight_sender,
+                                                                     restores_default_weights):
     import ray
-    from verl.workers.config import HFModelConfig
-    from verl.workers.rollout.base import get_rollout_class
 
     from verl_efficientrollout.bench import policy_update
     from verl_efficientrollout.data import math_problems
@@ -103,15 +121,11 @@ def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, ag
     rollout_config = servers.get_replicas()[0].config
     engine = NativeEngine.load(default_model_dir, efficient_config(rollout_config))
     state = policy_update(engine.target.hf_state_dict(), UPDATE, seed=7)
-    os.environ.setdefault("RANK", "0")
-    adapter = get_rollout_class("efficient", "async")(
-        config=rollout_config, model_config=HFModelConfig(path=default_model_dir), device_mesh=None)
     partial = ((n, t) for n, t in state.items() if "layers.2." not in n)
     with pytest.raises(ray.exceptions.RayTaskError, match="missing"):
-        asyncio.run(adapter.update_weights(partial, global_steps=1))
-    report = asyncio.run(adapter.update_weights(iter(state.items()), global_steps=1))
-    assert report["weights_version"] == 1
-
+        asyncio.run(weight_sender.update_weights(partial, global_steps=1))
+    report = asyncio.run(weight_sender.update_weights(iter(state.items()), global_steps=1))
+    assert report["drafter_build_seconds"] > 0
     rebuilt = _spec_metrics(agents.generate_sequences(batch))["rollout/spec_accept_rate"]
     # The stale level for comparison: the same update with the drafter left as it was.
     stale_drafter = engine.drafter
@@ -141,17 +155,27 @@ def _stale_acceptance(engine, trainer_config, batch) -> float:
 
 
 def test_cpu_grpo_example_rebuilds_the_drafter_and_serves_each_updated_policy(servers, agents, default_model_dir,
-                                                                              load_example):
+                                                                              load_example, restores_default_weights):
     grpo = load_example("grpo/cpu_grpo.py")
-    args = grpo.parse_args(["--steps", "2", "--prompts", "2", "--samples", "4", "--reward", "digits", "--lr", "1e-4"])
+    # The ordinal reward differs within every group by construction: each step has a gradient.
+    args = grpo.parse_args(["--steps", "2", "--prompts", "2", "--samples", "4", "--reward", "ordinal", "--lr", "1e-4"])
     steps = grpo.train(args, agents, servers.get_replicas()[0].config, default_model_dir)
     assert steps[1].weights_version == steps[0].weights_version + 1, steps  # synced after each step
-    assert steps[0].weight_change > 0, steps  # a real gradient step (the digit share differs within a group)
+    assert all(s.weight_change > 0 for s in steps), steps  # a real gradient step each time
     assert all(s.drafter_build_seconds > 0 for s in steps), steps
-    # Step 1 rolled out the previous test's noisy policy; step 2 the weights step 1 pushed: the trainer's
-    # log-probs match the server's, and the drafter rebuilt from them (int4-asym-g32) is accepted as usual.
-    assert steps[1].logprob_gap < 1e-3 < steps[0].logprob_gap, steps
-    assert steps[1].accept_rate > 0.8, steps
+    # The trainer's weights reach the server before the first rollout and after each step: every step
+    # samples the policy being trained (log-probs match the trainer's), and the drafter rebuilt from
+    # them (int4-asym-g32) is accepted as usual.
+    assert all(s.logprob_gap < 1e-3 for s in steps), steps
+    assert all(s.accept_rate > 0.8 for s in steps), steps
+
+
+def test_cpu_grpo_ordinal_reward_differs_within_every_group_and_bad_arguments_are_refused(load_example):
+    grpo = load_example("grpo/cpu_grpo.py")
+    rewards = grpo.step_rewards("ordinal", ["same text"] * 8, [None] * 8, samples=4)
+    assert rewards.tolist() == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0] * 2)
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--samples", "1"])  # GRPO needs a group
 
 
 def test_cpu_grpo_reward_is_correctness_with_a_small_credit_for_a_well_formed_answer(load_example):

@@ -55,7 +55,7 @@ def test_concurrent_generate_calls_decode_as_one_batch_with_verl_outputs(engine,
         assert fields["spec_num_verify_steps"] >= 1  # sd-always speculates from the first step
         assert 0 <= fields["spec_num_accepted_tokens"] <= fields["spec_num_draft_tokens"]
     assert metrics[0]["speculated_share"] == 1.0 and metrics[0]["acceptance_per_position"]
-    # The metrics reference (README) documents exactly what is reported.
+    # The metrics reference (docs/metrics.md) documents exactly what is reported.
     assert set(metrics[0]) == set(ROLLOUT_SUMMARY) | set(SERVER_BATCH)
     assert all(set(o.extra_fields) == set(VERL_REQUEST) for o in outputs)
 

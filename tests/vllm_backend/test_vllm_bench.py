@@ -10,7 +10,8 @@ pytest.importorskip("vllm", reason="the vLLM benchmark runs in the vllm tier (.v
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
-def test_vllm_bench_times_each_mode_against_plain_vllm_and_writes_json_and_png(tmp_path, plain, speculative):
+def test_vllm_bench_times_each_mode_against_plain_vllm_with_the_oracle_bound_of_vllms_own_step_times(
+        tmp_path, plain, speculative):
     from verl_efficientrollout.bench import BenchConfig
     from verl_efficientrollout.vllm_backend.bench import format_vllm_bench, run_vllm_bench
 
@@ -24,7 +25,14 @@ def test_vllm_bench_times_each_mode_against_plain_vllm_and_writes_json_and_png(t
     spec = report["modes"]["sd-always"]
     assert spec["token_acceptance"] > 0.5 and len(spec["acceptance_per_position"]) == 3
     assert 0.0 <= spec["lengths_ks_p_value_vs_ar"] <= 1.0
-    assert "| sd-always |" in format_vllm_bench(report)
+    assert spec["proposer"] == "self" and 0.0 < spec["oracle_bound"] <= 1.0 and 0.0 < report["oracle_bound"] <= 1.0
+    # vLLM's own step times (an engine of their own, in our scheduler): K = 0 and each K, per batch size.
+    kinds = {(m["kind"], m["batch"], m["gamma"]) for m in report["step_measurements"]}
+    assert {("target", 1, 0), ("step", 1, 1), ("step", 4, 6)} <= kinds, kinds
+    assert [r["batch"] for r in report["per_step"]] == [1, 2, 4] and all(0 < r["best_ratio"] <= 1 for r in
+                                                                        report["per_step"])
+    text = format_vllm_bench(report)
+    assert "| sd-always | self |" in text and "best ratio" in text
 
 
 def test_an_engine_built_for_another_mode_is_refused(tmp_path, plain):

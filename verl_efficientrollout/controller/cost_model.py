@@ -150,7 +150,8 @@ def save_profile(profile: CostProfile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
 
 
-def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, name: str, device: str) -> CostProfile:
+def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, name: str, device: str,
+                structure: str | None = None) -> CostProfile:
     """Fit bandwidth, FLOP rate and fixed overhead of the target and the draft StepCost to
     measured step times, keeping ``base``'s byte and FLOP counts (what the model is) and
     refitting what the device does.
@@ -159,12 +160,17 @@ def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, na
     ``seconds``. Kinds: ``target`` (a plain step), ``draft`` (one drafter forward), ``verify``
     (the target over gamma + 1 new tokens per row) and ``step`` (a whole speculative step, timed
     as one). Native measurements (no ``step``) fit each StepCost to its own forwards. Whole-step
-    measurements (vLLM) come from the ``draft-model`` structure, where every step holds target
-    and drafter forwards: the two StepCosts are fitted in turn, each with the other's prediction
-    held fixed, over a few rounds. A coarse log-space grid search minimising the squared log
-    error: a few hundred thousand cheap evaluations per fit.
+    measurements (vLLM) hold target and drafter forwards as ``structure`` says (default
+    ``draft-model``; ``native`` for vLLM with our self-drafter, whose plain step is the target
+    alone and whose speculative step is gamma drafter forwards and the verify): the two StepCosts
+    are fitted in turn, each with the other's prediction held fixed, over a few rounds. A coarse
+    log-space grid search minimising the squared log error: a few hundred thousand cheap
+    evaluations per fit.
     """
-    if not any(m["kind"] == "step" for m in measurements):
+    whole_steps = any(m["kind"] == "step" for m in measurements)
+    structure = structure or ("draft-model" if whole_steps else "native")
+    check_choice("fit_profile", "structure", structure, STRUCTURES)
+    if not whole_steps:
         def points(kinds: tuple[str, ...]) -> list[_Point]:
             return [(m["batch"], m["total_context"], ((1, m["gamma"] + 1 if m["kind"] == "verify" else 1),),
                      m["seconds"], 0.0) for m in measurements if m["kind"] in kinds]
@@ -176,6 +182,8 @@ def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, na
         def split(m: Mapping[str, Any]) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
             """(target forwards, drafter forwards) of one vLLM step, as (count, new tokens per row)."""
             g = m["gamma"] if m["kind"] == "step" else 0
+            if structure == "native":  # the self-drafter: nothing at K = 0, else g one-token forwards
+                return ((1, g + 1),), (((g, 1),) if g else ())
             drafter = ((1, max(g + 1, 2)),) + (((g - 1, 1),) if g > 1 else ())
             return ((1, g + 1),), drafter
 
@@ -184,12 +192,17 @@ def fit_profile(measurements: Sequence[Mapping[str, Any]], base: CostProfile, na
 
         steps = [m for m in measurements if m["kind"] in ("target", "step")]
         target, draft = base.target, base.draft
+        plain = [m for m in steps if m["kind"] == "target"]
+        if structure == "native" and len(plain) >= 3:  # plain steps are the target alone: start from them
+            target = _fit_step_cost(base.target, [(m["batch"], m["total_context"], ((1, 1),), m["seconds"], 0.0)
+                                                  for m in plain])
+            draft = _fit_step_cost(base.draft, [(m["batch"], m["total_context"], split(m)[1], m["seconds"],
+                                                 given(target, m, split(m)[0])) for m in steps if split(m)[1]])
         for _ in range(4):
             target = _fit_step_cost(base.target, [(m["batch"], m["total_context"], split(m)[0], m["seconds"],
                                                    given(draft, m, split(m)[1])) for m in steps])
             draft = _fit_step_cost(base.draft, [(m["batch"], m["total_context"], split(m)[1], m["seconds"],
-                                                 given(target, m, split(m)[0])) for m in steps])
-        structure = "draft-model"
+                                                 given(target, m, split(m)[0])) for m in steps if split(m)[1]])
     notes = f"fitted to {len(measurements)} measured step times on this device from {base.name}'s model counts"
     return CostProfile(name=name, device=device, target=target, draft=draft, notes=notes, structure=structure)
 

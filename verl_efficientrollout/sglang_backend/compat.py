@@ -119,3 +119,28 @@ def register_fixes() -> None:
             self._kv_copy_config = None
 
         registry.register(KV_COPY_WARMUP, no_triton_warmup, kind.REPLACE)
+
+
+def shutdown_engine(engine) -> None:
+    """Stop one ``sglang.Engine``'s own processes (schedulers, detokenizer) and leave the rest.
+
+    SGLang 0.5.12's ``Engine.shutdown`` kills every child process of the calling process
+    (``kill_process_tree(os.getpid(), include_parent=False)``): with two engines in one process
+    (a plain and a speculative one, a fresh reference engine in a test) closing one killed the
+    other's scheduler, and SGLang's watchdog then sent SIGQUIT to the whole process. The engine's
+    subprocess watchdog holds exactly its own processes; where that is missing (another SGLang),
+    ``Engine.shutdown`` runs, with a warning that it stops every SGLang engine of this process."""
+    version, _ = sglang_version()
+    watchdog = getattr(getattr(engine, "tokenizer_manager", None), "_subprocess_watchdog", None)
+    processes = getattr(watchdog, "_processes", None)
+    if processes is None:
+        logger.warning("SGLang %s: no subprocess watchdog on the engine; closing it with Engine.shutdown, which also "
+                       "stops every other SGLang engine of this process", version)
+        engine.shutdown()
+        return
+    from sglang.srt.utils import kill_process_tree
+
+    watchdog.stop()
+    for process in processes:
+        if process.pid is not None and process.is_alive():
+            kill_process_tree(process.pid, include_parent=True, wait_timeout=60)

