@@ -53,20 +53,23 @@ def mixed_prompts(prompts, model_dir) -> list[tuple[int, ...]]:
 @pytest.fixture(scope="module")
 def cycling(model_dir, plain, tmp_path_factory):
     """Started after ``plain`` (vLLM's process-wide Prometheus registry holds the counters of the
-    engine started last, read below). The self-drafter with K cycling through ``CYCLE`` (our scheduler's calibration schedule),
-    its KV cache too small for 16 rows at once (preemption), chunked prefill of 64-token chunks,
-    prefix caching on, and the drafter's writes checked below each committed length."""
+    engine started last, read below). The self-drafter with K cycling through ``CYCLE`` (our
+    scheduler's calibration schedule), its KV cache too small for 16 rows at once (48 blocks of 32 tokens: the 16 rows need about 60, so
+    vLLM preempts running rows as they grow; with 128-token blocks it only waits to admit them),
+    chunked prefill of 64-token chunks, prefix caching on, and the drafter's writes checked below
+    each committed length."""
     from verl_efficientrollout.config import EfficientRolloutConfig
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
     from verl_efficientrollout.vllm_backend.selfspec import CHECK_WRITES_ENV
 
     mp = pytest.MonkeyPatch()
     mp.setenv(CHECK_WRITES_ENV, "1")  # read by the proposer in vLLM's worker process
-    config = EfficientRolloutConfig.from_dict({"engine": "vllm", "drafter": "int4-g32", "controller": {
-                                                   "preset": "sd-always", "gamma": max(CYCLE)}, "vllm": {"dtype": TEST_DTYPE, "max_model_len": 512, "max_num_seqs": 16, "llm_args": {
-                                         "num_gpu_blocks_override": 12, "enable_chunked_prefill": True,
-                                         "max_num_batched_tokens": 64, "enable_prefix_caching": True,
-                                         "disable_log_stats": False}}})  # vLLM's counters: preemptions, cache hits
+    llm_args = {"block_size": 32, "num_gpu_blocks_override": 48, "enable_chunked_prefill": True,
+                "max_num_batched_tokens": 64, "enable_prefix_caching": True,
+                "disable_log_stats": False}  # vLLM's counters: preemptions, cache hits
+    config = EfficientRolloutConfig.from_dict({
+        "engine": "vllm", "drafter": "int4-g32", "controller": {"preset": "sd-always", "gamma": max(CYCLE)},
+        "vllm": {"dtype": TEST_DTYPE, "max_model_len": 512, "max_num_seqs": 16, "llm_args": llm_args}})
     log = tmp_path_factory.mktemp("cycling") / "steps.jsonl"
     engine = VLLMEngine(model_dir, config, calibration={"gammas": list(CYCLE), "hold_steps": 2, "log": str(log)})
     yield engine, log
