@@ -31,6 +31,8 @@ def test_vllm_bench_times_each_mode_against_plain_vllm_with_the_oracle_bound_of_
     assert {("target", 1, 0), ("step", 1, 1), ("step", 4, 6)} <= kinds, kinds
     assert [r["batch"] for r in report["per_step"]] == [1, 2, 4] and all(0 < r["best_ratio"] <= 1 for r in
                                                                         report["per_step"])
+    # The profile fitted to those steps is written beside the report (paper and efficient decide with it).
+    assert json.loads((tmp_path / "bench_vllm_profile.json").read_text()) == report["fitted_profile"]
     text = format_vllm_bench(report)
     assert "| sd-always | self |" in text and "best ratio" in text
 

@@ -15,7 +15,9 @@ every other mode, interleaved (every repeat runs each mode once, the order rotat
 
 Before the engines start, vLLM's own step times are measured (``calibrate``'s machinery: whole
 decode steps at K = 0 and at each K, per batch size, in our scheduler) and a cost profile is
-fitted to them. From those the report gives, per batch size, the best per-step time ratio any K
+fitted to them; ``paper`` and ``efficient`` decide with that profile (written next to the report
+as ``bench_vllm_profile.json``), as the native benchmark's modes decide with the one it fits. From
+those the report gives, per batch size, the best per-step time ratio any K
 reaches at the measured acceptance, and the oracle bound of the whole rollout (the simulator
 replays plain vLLM's measured response lengths, taking every step the better of K = 0 and the
 best K). Speculation must not change what is sampled: next to each ratio stands a two-sample KS
@@ -25,6 +27,7 @@ test of the mode's response lengths against plain vLLM's.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,7 +38,7 @@ from verl_efficientrollout.bench import (
     BenchConfig, calibrated_cost_model, capped, mode_config, oracle_bound, ratio_bars, workload,
 )
 from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, VLLMEngineConfig
-from verl_efficientrollout.controller import ControllerConfig, fit_profile, load_profile
+from verl_efficientrollout.controller import ControllerConfig, fit_profile, load_profile, save_profile
 from verl_efficientrollout.engine.base import add_into
 from verl_efficientrollout.controller.cost_model import expected_output_tokens
 from verl_efficientrollout.models import resolve_model
@@ -43,6 +46,7 @@ from verl_efficientrollout.reports import save_report
 from verl_efficientrollout.stats import ks_two_sample
 
 STEP_GAMMAS = (1, 2, 3, 4, 6)  # K measured per batch size for the oracle
+COST_MODEL_TOGGLES = ("roofline", "paper")  # toggles that decide with a cost profile
 
 
 def vllm_mode_config(mode: str, config: BenchConfig, engine_config: VLLMEngineConfig) -> EfficientRolloutConfig:
@@ -134,6 +138,17 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
             raise ValueError(f"the engine given for mode {mode!r} was built with another controller config")
     # vLLM's step times first, on an engine of their own (closed before the benchmark's engines start)
     measurements, device = measure_steps(config, requests, len(requests)) if measure else ([], None)
+    profile = None
+    if measurements:
+        # Fitted here, on this machine: the cost-model modes decide with it (as the native bench's
+        # do) and the oracle bound replays it.
+        profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, "native")
+        profile_path = Path(out_dir or tempfile.mkdtemp(prefix="bench_vllm_")) / "bench_vllm_profile.json"
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        save_profile(profile, profile_path)
+        for mode, settings in configs.items():
+            if settings.controller.toggle in COST_MODEL_TOGGLES and mode not in (engines or {}):
+                configs[mode] = replace(settings, controller=replace(settings.controller, profile=str(profile_path)))
 
     runs, routes = {mode: [] for mode in config.modes}, {}
     order = list(config.modes)
@@ -158,8 +173,7 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
     native = native_acceptance(model, config, requests) if compare_native and "sd-always" in runs else None
     ar_lengths = [n for run in runs["ar"] for n in run["response_lengths"]]
     true_costs = None
-    if measurements:
-        profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, "native")
+    if profile is not None:
         true_costs = calibrated_cost_model(profile, 0.0, [m for m in measurements if m["kind"] == "target"])
     prompt_lengths = [len(r.prompt_ids) for r in requests]
 
@@ -195,6 +209,8 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
         "rows": len(requests), "device": device, "modes": modes,
         "oracle_bound": bound(best_acceptance) if best_acceptance else None,
         "per_step": per_step_bounds(measurements, best_acceptance) if measurements and best_acceptance else [],
+        "fitted_profile": profile.to_dict() if profile is not None else None,
+        "profile_modes": [m for m, c in configs.items() if profile is not None and c.controller.profile != "auto"],
         "step_measurements": measurements, "native_sd_always": native,
         "seconds_total": time.perf_counter() - started,
     }
@@ -242,6 +258,9 @@ def format_vllm_bench(report: dict) -> str:
             f"{m['ratio_vs_ar']:.3f} ({m['ratio_min']:.3f}-{m['ratio_max']:.3f}) | {fmt(m['oracle_bound'])} | "
             f"{m['tokens_per_second']:.1f} | {fmt(m['token_acceptance'])} | {fmt(m['mean_acceptance_length'], '.2f')} "
             f"| {per_position} | {fmt(m['lengths_ks_p_value_vs_ar'], '.2f')} |")
+    if report.get("profile_modes"):
+        lines += ["", f"{', '.join(report['profile_modes'])}: decided with the cost profile fitted to this run's "
+                  "step times (below; bench_vllm_profile.json)"]
     native, spec = report.get("native_sd_always"), report["modes"].get("sd-always")
     if native and spec and spec["acceptance_per_position"]:
         pairs = list(zip(spec["acceptance_per_position"], native["acceptance_per_position"]))

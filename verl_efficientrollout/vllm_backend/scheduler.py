@@ -1,8 +1,9 @@
 """``scheduler_cls``: our controller inside vLLM's scheduler (the engine-core process).
 
-Before each step it asks the ``Controller`` (the same one the native engine runs) whether to
+Before each decode step it asks the ``Controller`` (the same one the native engine runs) whether to
 speculate and with which gamma, for the running batch and its context, and writes that K into
-vLLM's dynamic-speculation lookup (K = 0: no drafts); from each verified request it feeds back the
+vLLM's dynamic-speculation lookup (K = 0: no drafts; while requests wait or prefill, K = 0 without
+asking, as the native engine decides only once its batch is prefilled); from each verified request it feeds back the
 drafted and accepted tokens (``make_spec_decoding_stats``), and from the time between two
 ``schedule`` calls the measured step time, which corrects the cost profile online (which step
 times are clean: ``steps.StepTimer``). The controller config travels in
@@ -15,11 +16,16 @@ forward per step even at K = 0, which that route's profile (``structure: draft-m
 Calibration (``additional_config["efficient"]["calibration"]``, ``efficient-rollout calibrate
 --engine vllm``): no controller; K follows ``steps.CalibrationSchedule`` and every clean step's
 time is appended to a JSON-lines file.
+
+Diagnosis: with ``VERL_EFFICIENTROLLOUT_DECISION_LOG=<path>`` every decision (batch, context, K,
+predicted speedup, reason) and the measured time of the step it scheduled are appended to
+``<path>`` as JSON lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from verl_efficientrollout.controller import (
@@ -27,6 +33,8 @@ from verl_efficientrollout.controller import (
 )
 from verl_efficientrollout.vllm_backend.compat import scheduler_base
 from verl_efficientrollout.vllm_backend.steps import CalibrationSchedule, ScheduledStep, StepTimer
+
+DECISION_LOG_ENV = "VERL_EFFICIENTROLLOUT_DECISION_LOG"
 
 _Base = scheduler_base()
 
@@ -38,6 +46,7 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
         calibration = extra.get("calibration")
         self.calibration = CalibrationSchedule(calibration["gammas"], calibration["hold_steps"]) if calibration else None
         self._step_log = calibration["log"] if calibration else None
+        self._decision_log = os.environ.get(DECISION_LOG_ENV) or None
         config = ControllerConfig.from_dict(extra.get("controller") or {})
         self.controller = None if calibration else Controller(
             config, CostModel(load_profile(config.profile, engine="vllm"), config.refine_rate))
@@ -74,6 +83,11 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
             if self.calibration is not None:
                 gamma = min(self.calibration.gamma(decode_only), self._k_max)
                 decision = Decision(gamma > 0, gamma, 0.0, "calibration")
+            elif not decode_only:
+                # The batch is still filling (vLLM's engine core takes requests as they arrive, so a
+                # rollout's first steps see a few of its rows): no decision yet, or the toggle would
+                # switch on for one row and hold that through its dwell at the full batch.
+                decision = Decision(False, 0, 1.0, "batch still filling")
             else:
                 decision = self.controller.decide(state)
             gamma = min(decision.gamma, self._k_max) if decision.speculate else 0
@@ -90,6 +104,13 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
         if step is None:
             return
         spec = step.decision.speculate
+        if self._decision_log is not None:
+            d = step.decision
+            with open(self._decision_log, "a") as f:
+                f.write(json.dumps({"step": self._step, "batch": step.state.batch_size, "gamma": d.gamma,
+                                    "context": step.state.total_context, "decode_only": step.decode_only,
+                                    "predicted_speedup": d.predicted_speedup, "reason": d.reason,
+                                    "seconds": seconds, "verified": len(verified)}) + "\n")
         if self._step_log is not None:
             if seconds is not None:
                 record = {"kind": "step" if spec else "target", "batch": step.state.batch_size,
