@@ -14,11 +14,18 @@ from verl_efficientrollout.sglang_backend.compat import platform_env
 # Before any test imports SGLang: it reads its CPU switch once, at import (compat.check_cpu_engine).
 os.environ.update(platform_env())
 
+# The tier's engines run in float32: greedy output compared token for token (the same batch twice,
+# before and after a weight update) is not reproducible in bf16 on every CPU (on a Sapphire Rapids
+# with AMX the same batch decoded twice by one bf16 engine differed at a near-tie).
+TEST_DTYPE = "float32"
+
+
 def sglang_test_config(sglang=None, **controller) -> EfficientRolloutConfig:
-    """The default model on SGLang with the int4-asym-g32 drafter, short contexts, 8 rows."""
+    """The default model on SGLang (float32) with the int4-asym-g32 drafter, short contexts, 8 rows."""
     return EfficientRolloutConfig.from_dict({
         "engine": "sglang", "drafter": "int4-g32", "controller": controller,
-        "sglang": {"max_model_len": 512, "max_num_seqs": 8, "max_total_tokens": 8192, **(sglang or {})}})
+        "sglang": {"dtype": TEST_DTYPE, "max_model_len": 512, "max_num_seqs": 8, "max_total_tokens": 8192,
+                   **(sglang or {})}})
 
 
 @pytest.fixture(scope="session")

@@ -49,14 +49,17 @@ def speculative(model_dir, sglang_config):
     engine.close()
 
 
+TEST_DTYPE = "float32"  # as the tier's engines (conftest.py says why)
+
+
 def _greedy(prompts, tokens=24) -> list[Request]:
     return [Request(p, tokens, SamplingParams(0.0), request_id=str(i)) for i, p in enumerate(prompts)]
 
 
 def _fingerprint(state: dict[str, torch.Tensor]) -> float:
     """What our plugin reports of the drafter: the sum of the decoder linears it quantized, as
-    SGLang holds them (bf16)."""
-    return sum(float(t.to(torch.bfloat16).double().sum()) for name, t in state.items()
+    SGLang holds them (in the tier's dtype)."""
+    return sum(float(t.to(getattr(torch, TEST_DTYPE)).double().sum()) for name, t in state.items()
                if ".layers." in name and name.endswith("proj.weight"))
 
 
