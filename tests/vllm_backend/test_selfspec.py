@@ -54,10 +54,10 @@ def mixed_prompts(prompts, model_dir) -> list[tuple[int, ...]]:
 def cycling(model_dir, plain, tmp_path_factory):
     """Started after ``plain`` (vLLM's process-wide Prometheus registry holds the counters of the
     engine started last, read below). The self-drafter with K cycling through ``CYCLE`` (our
-    scheduler's calibration schedule), its KV cache too small for 16 rows at once (48 blocks of 32 tokens: the 16 rows need about 60, so
-    vLLM preempts running rows as they grow; with 128-token blocks it only waits to admit them),
-    chunked prefill of 64-token chunks, prefix caching on, and the drafter's writes checked below
-    each committed length."""
+    scheduler's calibration schedule), its KV cache too small for 16 rows at once (48 blocks of 32
+    tokens: the 16 rows need about 60, so vLLM preempts running rows as they grow; with 128-token
+    blocks it only waits to admit them), chunked prefill of 64-token chunks, prefix caching on, and
+    the drafter's writes checked below each committed length."""
     from verl_efficientrollout.config import EfficientRolloutConfig
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
     from verl_efficientrollout.vllm_backend.selfspec import CHECK_WRITES_ENV

@@ -1,10 +1,10 @@
 """``scheduler_cls``: our controller inside vLLM's scheduler (the engine-core process).
 
-Before each decode step it asks the ``Controller`` (the same one the native engine runs) whether to
-speculate and with which gamma, for the running batch and its context, and writes that K into
+Before each decode step it asks the ``Controller`` (the same one the native engine runs) whether
+to speculate and with which gamma, for the running batch and its context, and writes that K into
 vLLM's dynamic-speculation lookup (K = 0: no drafts; while requests wait or prefill, K = 0 without
-asking, as the native engine decides only once its batch is prefilled); from each verified request it feeds back the
-drafted and accepted tokens (``make_spec_decoding_stats``), and from the time between two
+asking, as the native engine decides only once its batch is prefilled); from each verified
+request it feeds back the drafted and accepted tokens (``make_spec_decoding_stats``), and from the time between two
 ``schedule`` calls the measured step time, which corrects the cost profile online (which step
 times are clean: ``steps.StepTimer``). The controller config travels in
 ``additional_config["efficient"]["controller"]``; ``controller.profile: auto`` is the bundled
