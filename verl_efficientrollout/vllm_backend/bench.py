@@ -58,7 +58,7 @@ def vllm_mode_config(mode: str, config: BenchConfig, engine_config: VLLMEngineCo
                                   vllm=engine_config)
 
 
-def measure_steps(config: BenchConfig, requests, rows: int) -> tuple[list[dict], str]:
+def measure_steps(config: BenchConfig, requests, rows: int) -> tuple[list[dict], str, str]:
     """vLLM's own decode-step times at K = 0 and each K of ``STEP_GAMMAS``, at batch sizes up to
     ``rows``, at two contexts around the workload's (``calibrate --engine vllm``'s measurement)."""
     from verl_efficientrollout.calibrate import CalibrateConfig
@@ -70,8 +70,7 @@ def measure_steps(config: BenchConfig, requests, rows: int) -> tuple[list[dict],
     calibrate = CalibrateConfig(model=config.model, engine="vllm", dtype=config.dtype, drafter=config.drafter,
                                 batches=batches, contexts=contexts if contexts[0] < contexts[1] else (64, 128),
                                 gammas=STEP_GAMMAS, repeats=3, name="bench")
-    measurements, device, structure = measure_vllm_step_costs(calibrate)
-    return measurements, device
+    return measure_vllm_step_costs(calibrate)  # measurements, device, cost structure
 
 
 def per_step_bounds(measurements: list[dict], acceptance: float) -> list[dict]:
@@ -137,18 +136,19 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
         if given.config.controller != configs[mode].controller or given.config.vllm.proposer != configs[mode].vllm.proposer:
             raise ValueError(f"the engine given for mode {mode!r} was built with another controller config")
     # vLLM's step times first, on an engine of their own (closed before the benchmark's engines start)
-    measurements, device = measure_steps(config, requests, len(requests)) if measure else ([], None)
-    profile = None
+    measurements, device, structure = measure_steps(config, requests, len(requests)) if measure else ([], None, None)
+    profile, profile_modes = None, []
     if measurements:
         # Fitted here, on this machine: the cost-model modes decide with it (as the native bench's
         # do) and the oracle bound replays it.
-        profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, "native")
+        profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, structure)
         profile_path = Path(out_dir or tempfile.mkdtemp(prefix="bench_vllm_")) / "bench_vllm_profile.json"
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         save_profile(profile, profile_path)
         for mode, settings in configs.items():
             if settings.controller.toggle in COST_MODEL_TOGGLES and mode not in (engines or {}):
                 configs[mode] = replace(settings, controller=replace(settings.controller, profile=str(profile_path)))
+                profile_modes.append(mode)
 
     runs, routes = {mode: [] for mode in config.modes}, {}
     order = list(config.modes)
@@ -210,7 +210,7 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
         "oracle_bound": bound(best_acceptance) if best_acceptance else None,
         "per_step": per_step_bounds(measurements, best_acceptance) if measurements and best_acceptance else [],
         "fitted_profile": profile.to_dict() if profile is not None else None,
-        "profile_modes": [m for m, c in configs.items() if profile is not None and c.controller.profile != "auto"],
+        "profile_modes": profile_modes,
         "step_measurements": measurements, "native_sd_always": native,
         "seconds_total": time.perf_counter() - started,
     }
