@@ -10,6 +10,9 @@ from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
     "kwargs, message",
     [
         ({"modes": ("sd-always",)}, "must include 'ar'"),
+        ({"against": "sglang"}, r"BenchConfig.against must be one of '', 'vllm'"),
+        ({"against": "vllm", "engine": "vllm"}, r"BenchConfig.against='vllm' compares the native engine"),
+        ({"vllm_dtype": "int8"}, r"BenchConfig.vllm_dtype must be one of 'float32', 'bfloat16', 'float16'"),
         ({"modes": ("ar", "fast")}, r"BenchConfig.modes must be a selection of ar, sd-always, .* for engine native"),
         ({"modes": ("ar", "draft-model")}, r"BenchConfig.modes must be a selection of .*efficient for engine native"),
         ({"workload": "chat"}, r"BenchConfig.workload must be one of 'math', 'short'"),
@@ -32,8 +35,8 @@ def test_modes_default_to_every_mode_of_the_engine():
     assert BenchConfig(engine="vllm").modes == ("ar", "sd-always", "threshold", "paper", "efficient", "draft-model")
 
 
-def test_auto_dtype_is_float32_for_the_native_engine_and_bfloat16_for_vllm():
-    assert BenchConfig().dtype == "float32"
+def test_auto_dtype_is_left_to_the_native_engine_to_measure_and_is_bfloat16_for_vllm():
+    assert BenchConfig().dtype == "auto"  # NativeEngine measures fp32 and bf16 at start-up
     assert BenchConfig(engine="vllm").dtype == "bfloat16"
     assert BenchConfig(engine="vllm", dtype="float16").dtype == "float16"
 

@@ -39,8 +39,8 @@ def test_validation_counts_a_decision_that_the_prediction_gets_wrong():
     assert report["rows"][1]["error"] > 1000
 
 
-def test_auto_dtype_is_float32_for_the_native_engine_and_bfloat16_for_vllm():
-    assert CalibrateConfig().dtype == "float32"
+def test_auto_dtype_is_left_to_the_native_engine_to_measure_and_is_bfloat16_for_vllm():
+    assert CalibrateConfig().dtype == "auto"
     assert CalibrateConfig(engine="vllm").dtype == "bfloat16"
 
 

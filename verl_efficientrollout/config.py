@@ -95,17 +95,33 @@ MEASURED_ENGINES = ("native", "vllm")  # what `efficient-rollout bench` and `cal
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+NATIVE_DTYPES = ("auto", *DTYPES)
+DECODE_GRAPH_MODES = ("auto", "off", "padded", "on")
+
+
 @dataclass(frozen=True)
 class NativeEngineConfig:
-    """The native engine's own settings. ``device='auto'`` picks CUDA when torch sees a GPU."""
+    """The native engine's own settings. ``device='auto'`` picks CUDA when torch sees a GPU.
 
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    ``dtype='auto'`` decides by measurement when the engine starts: bfloat16 on CUDA; on a CPU it
+    times a target step and a drafter step in float32 and in bfloat16 at 1 and 16 rows and keeps
+    the faster (bf16 pays where the CPU has AVX512-BF16 or AMX, fp32 where bf16 is emulated).
+    ``decode_graphs``: ``auto`` (CUDA graphs on CUDA, eager on a CPU), ``on``, ``off`` (eager at
+    exact batch sizes) or ``padded`` (eager through the graphs' batch buckets and padding: the
+    graph path's logic, runnable on a CPU)."""
+
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
     max_model_len: int = 2048  # prompt + new tokens per request
+    decode_graphs: str = "auto"  # auto | on | off | padded
 
     def __post_init__(self) -> None:
-        check_choice("NativeEngineConfig", "dtype", self.dtype, DTYPES)
+        check_choice("NativeEngineConfig", "dtype", self.dtype, NATIVE_DTYPES)
         check_int("NativeEngineConfig", "max_model_len", self.max_model_len, low=2)
+        check_choice("NativeEngineConfig", "decode_graphs", self.decode_graphs, DECODE_GRAPH_MODES)
+        if self.decode_graphs == "on" and self.device == "cpu":
+            raise ValueError("NativeEngineConfig.decode_graphs='on' needs device cuda, cuda:N or auto, got device "
+                             "'cpu' (allowed on a CPU: auto, off, padded)")
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"NativeEngineConfig.device must be one of auto, cpu, cuda, cuda:N, got {device!r}")

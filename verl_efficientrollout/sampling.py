@@ -33,8 +33,12 @@ def logits_to_probs(
     temperature: torch.Tensor,  # [batch] float; 0 = greedy
     top_k: torch.Tensor,  # [batch] int; 0 = off
     top_p: torch.Tensor,  # [batch] float; 1.0 = off
+    filtered: bool | None = None,  # any row with top-k or top-p (None: read it from the device)
 ) -> torch.Tensor:  # [batch, ..., vocab] float32
     """Temperature, then top-k, then top-p (on the top-k-renormalised mass), softmax in float32.
+
+    Pass ``filtered`` when the caller knows it (from the requests' ``SamplingParams``): the
+    function then never synchronises with the device.
 
     Top-p keeps the smallest set of highest-probability tokens whose cumulative probability
     reaches ``top_p`` (the top token is always kept). Ties in top-k are broken towards the
@@ -47,7 +51,9 @@ def logits_to_probs(
     greedy = (temperature == 0).view(row_shape)
     scaled = logits / torch.where(greedy, 1.0, temperature.view(row_shape).float())
 
-    if not bool((top_k > 0).any()) and not bool((top_p < 1).any()):  # no filter: skip the vocab sort
+    if filtered is None:
+        filtered = bool((top_k > 0).any()) or bool((top_p < 1).any())
+    if not filtered:  # no filter: skip the vocab sort
         one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
         return torch.where(greedy, one_hot, scaled.softmax(dim=-1))
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)

@@ -162,3 +162,22 @@ def test_drafter_build_failure_falls_back_to_plain_decoding(small_model, caplog)
     assert engine.drafter is None and "decoding without speculation" in caplog.text
     result = engine.generate([Request((1, 2), 6, GREEDY)], controller=_controller("sd-always"))
     assert len(result.outputs[0].token_ids) == 6 and not any(speculated for _, speculated, *_ in result.steps)
+
+
+def test_auto_dtype_times_float32_and_bfloat16_here_and_keeps_the_faster(small_model):
+    engine = NativeEngine(small_model, EfficientRolloutConfig(), NativeEngineConfig(max_model_len=64))
+    choice = engine.dtype_choice
+    assert set(choice["timings"]) == {"float32", "bfloat16"}
+    for timings in choice["timings"].values():
+        assert set(timings) == {"target@1", "target@16", "draft@1", "draft@16"}
+        assert all(seconds > 0 for seconds in timings.values())
+    totals = {dtype: sum(timings.values()) for dtype, timings in choice["timings"].items()}
+    assert choice["dtype"] == min(totals, key=totals.get) and choice["dtype"] in choice["reason"]
+    assert engine.engine_config.dtype == choice["dtype"] and engine.target.dtype == getattr(torch, choice["dtype"])
+    assert engine.generate([Request((1, 2), 5, GREEDY)]).outputs[0].finish_reason == "length"
+    # One measurement per process and model shape: a second engine agrees without measuring again.
+    assert NativeEngine(small_model, engine_config=NativeEngineConfig(max_model_len=64)).dtype_choice is choice
+    explicit = NativeEngine(small_model, engine_config=NativeEngineConfig(dtype="bfloat16", max_model_len=64))
+    assert explicit.dtype_choice is None and explicit.target.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"NativeEngineConfig.dtype must be one of 'auto', 'float32', 'bfloat16'"):
+        NativeEngineConfig(dtype="int8")

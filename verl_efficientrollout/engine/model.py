@@ -2,9 +2,11 @@
 
 One forward serves every step of the native engine: plain decoding (one token per row), the
 drafter's steps and the target's verify (gamma + 1 tokens per row). Rows carry their own
-positions and KV-cache slot, so finished rows simply leave the batch (no cache copy) and a
-rejected draft is rolled back by position alone: keys at positions a row has not committed are
-never attended (causal mask on absolute positions) and get overwritten by the next write.
+positions and KV-cache slot, and a rejected draft is rolled back by position alone: keys at
+positions a row has not committed are never attended (causal mask on absolute positions) and get
+overwritten by the next write. The engine keeps its active rows in the first slots of the cache
+(``slots=slice(0, batch)``), so attention reads each layer's KV as a view; a tensor of slots
+(prefill, any other caller) gathers them instead.
 
 The drafter is ``build_drafter(model, ...)`` of this module: same class, same cache.
 """
@@ -98,7 +100,7 @@ class Block(nn.Module):
         cos: torch.Tensor,  # [batch, 1, tokens, head_dim]
         sin: torch.Tensor,  # [batch, 1, tokens, head_dim]
         cache: KVCache,
-        slots: torch.Tensor,  # [batch] int64
+        slots: torch.Tensor | slice,  # [batch] int64, or slice(first, first + batch): contiguous slots
         positions: torch.Tensor,  # [batch, tokens] int64
         mask: torch.Tensor,  # [batch, 1, tokens, keys] bool
     ) -> torch.Tensor:
@@ -107,12 +109,19 @@ class Block(nn.Module):
         qkv = self.wqkv(self.attn_norm(x)).view(batch, tokens, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
         q, k, v = qkv.transpose(1, 2).split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        rows = slots[:, None]  # with positions [batch, tokens]: writes [batch, tokens, kv, dim]
-        cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-        cache.v[self.layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
         keys = mask.shape[-1]
-        k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)  # [batch, kv, keys, dim]
-        v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
+        if isinstance(slots, slice):  # contiguous slots: write through a view, attend over a view (no gather)
+            k_rows, v_rows = cache.k[self.layer, slots], cache.v[self.layer, slots]  # [batch, kv, max_len, dim]
+            rows = torch.arange(batch, device=x.device)[:, None]
+            k_rows[rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+            v_rows[rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            k_all, v_all = k_rows[:, :, :keys].to(q.dtype), v_rows[:, :, :keys].to(q.dtype)
+        else:
+            rows = slots[:, None]  # with positions [batch, tokens]: writes [batch, tokens, kv, dim]
+            cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[self.layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+            k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)  # [batch, kv, keys, dim]
+            v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.num_kv_heads != a.num_heads)
         x = x + self.wo(out.transpose(1, 2).reshape(batch, tokens, a.num_heads * a.head_dim))
         gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -146,15 +155,20 @@ class DecoderLM(nn.Module):
         tokens: torch.Tensor,  # [batch, tokens] int64
         positions: torch.Tensor,  # [batch, tokens] int64, absolute positions of those tokens
         cache: KVCache,
-        slots: torch.Tensor,  # [batch] int64, each row's KV-cache slot
+        slots: torch.Tensor | slice,  # [batch] int64, each row's KV-cache slot; or a slice of contiguous slots
         output_index: torch.Tensor | None = None,  # [batch] int64: logits of that token only
+        keys: int | None = None,  # keys attended per row: > every position (None: read from positions)
     ) -> torch.Tensor:  # [batch, tokens, vocab] float32, or [batch, 1, vocab] with output_index
-        """Writes the tokens' K/V at their positions, attends causally over each row's slot."""
+        """Writes the tokens' K/V at their positions, attends causally over each row's slot.
+
+        Pass ``keys`` (known on the host) to keep the forward free of host synchronisation and its
+        shapes static (CUDA graphs); keys past a row's positions are masked."""
         x = self.embed_tokens(tokens)
         angles = positions[..., None].float() * self.inv_freq  # [batch, tokens, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        keys = int(positions.max()) + 1
+        if keys is None:
+            keys = int(positions.max()) + 1
         mask = torch.arange(keys, device=tokens.device) <= positions[..., None]  # [batch, tokens, keys]
         mask = mask[:, None]
         for layer in self.layers:

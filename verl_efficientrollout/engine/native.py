@@ -8,9 +8,13 @@ Data path of one ``generate`` call (a rollout batch: prompts x samples):
    * a speculative step: gamma drafter forwards on the target's own KV cache (the drafter writes
      only the drafted positions), one target verify forward over gamma + 1 tokens (overwriting
      those positions), lossless rejection sampling, commit ``accepted + 1`` tokens per row;
-3. rows that hit EOS or their token budget leave the batch (compaction): step cost follows the
-   active batch. Nothing is copied on rollback: positions past a row's committed length are
-   never attended and are overwritten by its next write.
+3. rows that hit EOS or their token budget leave the batch: the KV of the rows that stay moves
+   down so the active rows always fill the cache's first slots (attention reads a view, never a
+   gather), and step cost follows the active batch. Nothing is copied on rollback: positions past
+   a row's committed length are never attended and are overwritten by its next write.
+
+A decode step reads the device once, after its last kernel (accepted counts and tokens together);
+its forwards go through ``graphs.StepRunner`` (CUDA graphs per batch bucket on a GPU).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from verl_efficientrollout.config import EfficientRolloutConfig, NativeEngineCon
 from verl_efficientrollout.controller import Controller, Decision, EngineState, StepObservation, per_position_counts
 from verl_efficientrollout.drafter import Drafter, DrafterBuildError, build_drafter
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
-from verl_efficientrollout.engine.model import DecoderLM, KVCache
+from verl_efficientrollout.engine.graphs import StepRunner, resolve_mode
+from verl_efficientrollout.engine.model import DecoderLM, KVCache, ModelArgs
 from verl_efficientrollout.engine.weights import collect_weight_update
 from verl_efficientrollout.models import load_target, torch_dtype
 from verl_efficientrollout.rejection import rejection_sample
@@ -56,11 +61,18 @@ class NativeEngine:
         tied = getattr(hf_model.config, "tie_word_embeddings", False)
         state = hf_model.state_dict()
         self.weight_shapes = {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
-        self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device)
         self.weights_version = 0
         self.controller = Controller(self.config.controller)
-        self.drafter: Drafter | None = self._build_drafter()
         self._cache: KVCache | None = None
+        self.runner = StepRunner(resolve_mode(engine_config.decode_graphs, engine_config.device), engine_config.device)
+        # dtype 'auto': measured here, on this device (None when the dtype was given).
+        self.dtype_choice: dict | None = None
+        if engine_config.dtype == "auto":
+            self.dtype_choice = choose_dtype(hf_model, self.config, engine_config)
+            self.engine_config = engine_config = replace(engine_config, dtype=self.dtype_choice["dtype"])
+            logger.info("native engine dtype %s (%s)", engine_config.dtype, self.dtype_choice["reason"])
+        self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device)
+        self.drafter: Drafter | None = self._build_drafter()
 
     @classmethod
     def load(
@@ -69,7 +81,10 @@ class NativeEngine:
     ) -> "NativeEngine":
         """Load ``model`` ('default' or a local HF directory) and serve it."""
         engine_config = resolve_device(engine_config or (config or EfficientRolloutConfig()).native)
-        hf_model, tokenizer = load_target(model, dtype=engine_config.dtype, device=engine_config.device)
+        load_dtype = engine_config.dtype
+        if load_dtype == "auto":  # fp32 holds both candidates exactly; CUDA always takes bf16
+            load_dtype = "bfloat16" if torch.device(engine_config.device).type == "cuda" else "float32"
+        hf_model, tokenizer = load_target(model, dtype=load_dtype, device=engine_config.device)
         return cls(hf_model, config, engine_config, tokenizer)
 
     # ---------------------------------------------------------------- weights
@@ -111,6 +126,7 @@ class NativeEngine:
         # The old drafter sits in reference cycles (torchao's tensor subclasses): collect it now, before
         # the new one is built, not at some later full GC (a drafter's worth of memory per update otherwise).
         self.drafter = None
+        self.runner.reset()  # captured graphs point at the old weights
         gc.collect()
         self.drafter = self._build_drafter()
 
@@ -145,13 +161,16 @@ class NativeEngine:
     def release_kv_cache(self) -> None:
         """Free the KV cache (the next ``generate`` allocates a fresh one)."""
         self._cache = None
+        self.runner.reset()
         if torch.device(self.engine_config.device).type == "cuda":
             torch.cuda.empty_cache()
 
     def _kv_cache(self, slots: int, max_len: int) -> KVCache:
         cache = self._cache
+        slots = self.runner.slots_needed(slots)
         if cache is None or cache.k.shape[1] < slots or cache.max_len < max_len:
             self._cache = None  # free the old one first
+            self.runner.reset()  # graphs address the old cache
             cache = self._cache = KVCache(self.target.args, slots, max_len, self.target.dtype, self.engine_config.device)
         return cache
 
@@ -163,48 +182,70 @@ class NativeEngine:
         longest_draft = controller.config.longest_draft
         cache = self._kv_cache(n, max(len(r.prompt_ids) + r.max_new_tokens for r in requests) + longest_draft + 1)
         temperature, top_k, top_p = sampling_tensors([r.sampling for r in requests], device)
-        budget = torch.tensor([r.max_new_tokens for r in requests], device=device)
-        slots = torch.arange(n, device=device)
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)  # committed tokens in KV
+        filtered = any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in requests)
+        lengths = [len(r.prompt_ids) for r in requests]  # committed tokens in KV, per row (host)
+        device_lengths = torch.tensor(lengths, device=device)
 
         prefill_start = clock(device)
-        first_logits = self._prefill(requests, cache)  # [n, vocab]
+        first_logits = self._prefill(requests, cache)  # [n, vocab]; row r in slot r
         result.prefill_seconds = clock(device) - prefill_start
-        last = sample(logits_to_probs(first_logits, temperature, top_k, top_p), generator)  # [n] not yet in KV
+        last = sample(logits_to_probs(first_logits, temperature, top_k, top_p, filtered), generator)  # [n] not in KV
         generated: list[list[int]] = [[int(t)] for t in last]
         want_logprobs = any(r.logprobs for r in requests)
         logprobs: list[list[float]] = [[x] for x in token_logprobs(first_logits, temperature, last).tolist()] \
             if want_logprobs else [[] for _ in range(n)]
         spec = [[0, 0, 0] for _ in range(n)]  # per row: draft tokens, accepted, verify steps
-        produced = torch.ones(n, dtype=torch.long, device=device)  # tokens generated per row so far
         reasons = [self._finish_reason(generated[row], requests[row].max_new_tokens, 0) for row in range(n)]
-        active = torch.tensor([row for row in range(n) if reasons[row] is None], dtype=torch.long, device=device)
+        active_rows = [row for row in range(n) if reasons[row] is None]  # active_rows[i] sits in KV slot i
+        _compact(cache, list(range(n)), active_rows, lengths)
 
         controller.begin_rollout()
         step = 0
-        while active.numel():
+        while active_rows:
             if should_abort is not None and should_abort():
-                for row in active.tolist():
+                for row in active_rows:
                     reasons[row] = "abort"
                 break
-            state = EngineState(len(active), int(lengths[active].sum()) + len(active), step, n)
+            batch = len(active_rows)
+            active = torch.tensor(active_rows, device=device)
+            state = EngineState(batch, sum(lengths[row] for row in active_rows) + batch, step, n)
             decision = controller.decide(state)
             if decision.speculate and self.drafter is None:
                 decision = Decision(False, 0, decision.predicted_speedup, "no drafter")
-            step_start = clock(device)
-            params = (temperature[active], top_k[active], top_p[active])
-            drafted_step = None
+            step_start = time.perf_counter()
+            marks = _Marks(device)
+            params = (temperature[active], top_k[active], top_p[active], filtered)
+            row_lengths = device_lengths[active]  # [batch]
+            longest = max(lengths[row] for row in active_rows)
+            row_drafts = [min(decision.gamma, max(0, requests[row].max_new_tokens - len(generated[row]) - 1))
+                          for row in active_rows] if decision.speculate else [0] * batch
             if decision.speculate:
-                num_draft = (budget[active] - produced[active] - 1).clamp(min=0, max=decision.gamma)
-                drafted_step = self._speculative_step(
-                    cache, slots[active], lengths[active], last[active], num_draft, decision.gamma, params, generator
-                )
-                if drafted_step is None:  # the drafter produced NaN/inf: this step and the rest go plain
-                    decision = Decision(False, 0, decision.predicted_speedup, "drafter fault")
-            if drafted_step is not None:
-                new_tokens, num_accepted, target_logits, draft_s, verify_s = drafted_step
-                row_drafts, row_accepted = num_draft.tolist(), num_accepted.tolist()
-                for row, drafts, accepted_tokens in zip(active.tolist(), row_drafts, row_accepted):
+                new_tokens, num_accepted, target_logits, finite = self._speculative_step(
+                    cache, row_lengths, longest, last[active], torch.tensor(row_drafts, device=device),
+                    decision.gamma, params, generator, marks)
+            else:
+                marks.mark()
+                target_logits = self.runner(self.target, last[active, None], row_lengths[:, None], longest + 1, cache)
+                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
+                num_accepted, finite = torch.zeros(batch, dtype=torch.long, device=device), None
+            marks.mark()
+            # The step's one read of the device: accepted counts, tokens (and the drafter's health).
+            packed = [num_accepted[:, None], new_tokens] + ([finite.long().expand(batch, 1)] if finite is not None else [])
+            host = torch.cat(packed, dim=1).tolist()  # [batch, 1 + tokens (+ 1)]
+            if finite is not None and not host[0][-1]:  # the drafter produced NaN/inf: redo this step plain
+                self._disable_drafter(f"the drafter ({self.drafter.report.recipe}) produced NaN or inf logits")
+                decision = Decision(False, 0, decision.predicted_speedup, "drafter fault")
+                row_drafts = [0] * batch
+                marks = _Marks(device)
+                marks.mark()
+                target_logits = self.runner(self.target, last[active, None], row_lengths[:, None], longest + 1, cache)
+                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
+                num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+                marks.mark()
+                host = torch.cat([num_accepted[:, None], new_tokens], dim=1).tolist()
+            row_accepted = [h[0] for h in host]
+            if decision.speculate:
+                for row, drafts, accepted_tokens in zip(active_rows, row_drafts, row_accepted):
                     if drafts:
                         spec[row][0] += drafts
                         spec[row][1] += accepted_tokens
@@ -213,32 +254,31 @@ class NativeEngine:
                 add_into(result.drafted_per_position, drafted)
                 add_into(result.accepted_per_position, accepted)
                 obs = StepObservation(decision, state.batch_size, state.total_context, drafted, accepted,
-                                      draft_seconds=draft_s, verify_seconds=verify_s)
+                                      draft_seconds=marks.seconds(0, 1), verify_seconds=marks.seconds(1, 2))
             else:
-                target_logits = self.target(last[active, None], lengths[active, None], cache, slots[active])
-                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
-                num_accepted = torch.zeros(len(active), dtype=torch.long, device=device)
                 obs = StepObservation(decision, state.batch_size, state.total_context,
-                                      target_seconds=clock(device) - step_start)
+                                      target_seconds=marks.seconds(0, 1))
             controller.observe(obs)
             # Commit: the previous last token and the accepted drafts are now in the KV cache.
-            lengths[active] += num_accepted + 1
-            produced[active] += num_accepted + 1
-            last[active] = new_tokens[torch.arange(len(active)), num_accepted]
+            device_lengths[active] += num_accepted + 1
+            last[active] = new_tokens[torch.arange(batch, device=device), num_accepted]
             step_logprobs = token_logprobs(target_logits, params[0], new_tokens).tolist() if want_logprobs \
-                else [[]] * len(active)  # [batch, tokens of this step]
+                else [[]] * batch  # [batch, tokens of this step]
             keep = []
-            rows = zip(active.tolist(), num_accepted.tolist(), new_tokens.tolist(), step_logprobs)
-            for i, (row, accepted, row_tokens, row_logprobs) in enumerate(rows):
+            for i, (row, accepted_tokens, row_host, row_logprobs) in enumerate(
+                    zip(active_rows, row_accepted, host, step_logprobs)):
+                lengths[row] += accepted_tokens + 1
                 start = len(generated[row])
-                generated[row].extend(row_tokens[: accepted + 1])
-                logprobs[row].extend(row_logprobs[: accepted + 1])
+                generated[row].extend(row_host[1: accepted_tokens + 2])
+                logprobs[row].extend(row_logprobs[: accepted_tokens + 1])
                 reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens, start)
                 if reasons[row] is None:
-                    keep.append(i)
-            result.steps.append((len(active), decision.speculate, decision.gamma, time.perf_counter() - step_start,
-                                 int(num_accepted.sum())))
-            active = active[torch.tensor(keep, dtype=torch.long, device=device)] if len(keep) < len(active) else active
+                    keep.append(row)
+            result.steps.append((batch, decision.speculate, decision.gamma, time.perf_counter() - step_start,
+                                 sum(row_accepted)))
+            if len(keep) < batch:
+                _compact(cache, active_rows, keep, lengths)
+                active_rows = keep
             step += 1
         return [
             RequestOutput(request.request_id, generated[row], reasons[row],
@@ -258,7 +298,6 @@ class NativeEngine:
         device = self.engine_config.device
         for batch in batch_sizes:
             cache = self._kv_cache(batch, context + max(gammas) + 2)
-            slots = torch.arange(batch, device=device)
 
             def inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
                 ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
@@ -272,7 +311,7 @@ class NativeEngine:
             for i in range(repeats + 1):  # interleaved; the first round warms up
                 for kind, gamma, model, tokens, positions in runs:
                     start = clock(device)
-                    model(tokens, positions, cache, slots)
+                    self.runner(model, tokens, positions, context + tokens.shape[1], cache)
                     if i:
                         times[kind, gamma].append(clock(device) - start)
             for (kind, gamma), values in times.items():
@@ -319,30 +358,68 @@ class NativeEngine:
                     cache.v[:, rows[1:], :, : len(prompt)] = cache.v[:, rows[:1], :, : len(prompt)]
         return logits
 
-    def _speculative_step(self, cache, slots, lengths, last, num_draft, gamma, params, generator):
-        """Draft ``gamma`` tokens on the shared cache, verify them in one target forward, accept.
-        Returns None, having switched speculation off, if the drafter's logits are not finite."""
-        draft_start = clock(last.device)
+    def _speculative_step(self, cache, lengths, longest, last, num_draft, gamma, params, generator, marks):
+        """Draft ``gamma`` tokens on the shared cache (rows in its first slots), verify them in one
+        target forward, accept. Returns ``(output tokens [batch, gamma + 1], accepted [batch],
+        target logits [batch, gamma + 1, vocab], whether every draft logit was finite [])``; no
+        host synchronisation (the caller reads the results once)."""
+        marks.mark()
         token, draft_tokens, draft_probs = last, [], []
+        finite = torch.ones((), dtype=torch.bool, device=last.device)
         for i in range(gamma):
-            logits = self.drafter.module(token[:, None], (lengths + i)[:, None], cache, slots)[:, 0]  # [batch, vocab]
-            if not bool(torch.isfinite(logits).all()):  # its KV writes sit past the committed length: harmless
-                self._disable_drafter(f"the drafter ({self.drafter.report.recipe}) produced NaN or inf logits")
-                return None
+            logits = self.runner(self.drafter.module, token[:, None], (lengths + i)[:, None], longest + i + 1,
+                                 cache)[:, 0]  # [batch, vocab]
+            finite &= torch.isfinite(logits).all()  # KV writes past the committed length: harmless if not
             probs = logits_to_probs(logits, *params)  # [batch, vocab]
             token = sample(probs, generator)
             draft_tokens.append(token)
             draft_probs.append(probs)
         draft_tokens = torch.stack(draft_tokens, dim=1)  # [batch, gamma]
-        verify_start = clock(last.device)
+        marks.mark()
         positions = lengths[:, None] + torch.arange(gamma + 1, device=lengths.device)
-        target_logits = self.target(torch.cat([last[:, None], draft_tokens], dim=1), positions, cache, slots)
+        target_logits = self.runner(self.target, torch.cat([last[:, None], draft_tokens], dim=1), positions,
+                                    longest + gamma + 1, cache)
         target_probs = logits_to_probs(target_logits, *params)  # [batch, gamma + 1, vocab]
         greedy = params[0] == 0
         output, num_accepted = rejection_sample(
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
-        return output, num_accepted, target_logits, verify_start - draft_start, clock(last.device) - verify_start
+        return output, num_accepted, target_logits, finite
+
+
+class _Marks:
+    """Time points inside a decode step without a host synchronisation: CUDA events on a GPU (read
+    after the step's one device read), ``perf_counter`` on a CPU (where every op is synchronous)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.points: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+
+    def seconds(self, start: int, end: int) -> float:
+        if self.cuda:
+            return self.points[start].elapsed_time(self.points[end]) / 1e3
+        return self.points[end] - self.points[start]
+
+
+def _compact(cache: KVCache, slot_rows: list[int], keep: list[int], lengths: list[int]) -> None:
+    """Move the KV of the rows in ``keep`` (a subsequence of ``slot_rows``, which lists the row in
+    each slot) down to slots ``0 .. len(keep) - 1``, in order: the active rows fill the first
+    slots. Copies only each moved row's committed positions; a row's target slot is never above its
+    source, so the moves in slot order never overwrite a row not yet moved."""
+    slot_of = {row: slot for slot, row in enumerate(slot_rows)}
+    for slot, row in enumerate(keep):
+        source = slot_of[row]
+        if source != slot:
+            cache.k[:, slot, :, : lengths[row]] = cache.k[:, source, :, : lengths[row]]
+            cache.v[:, slot, :, : lengths[row]] = cache.v[:, source, :, : lengths[row]]
 
 
 def clock(device: torch.device | str) -> float:
@@ -351,6 +428,62 @@ def clock(device: torch.device | str) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+_DTYPE_PROBE_CONTEXT = 256  # KV positions per row while timing dtype candidates
+_DTYPE_PROBE_BATCHES = (1, 16)
+_DTYPE_CHOICES: dict[tuple, dict] = {}  # (model args, device, drafter, threads) -> choose_dtype's answer
+
+
+def choose_dtype(hf_model, config: EfficientRolloutConfig, engine_config: NativeEngineConfig,
+                 repeats: int = 5) -> dict:
+    """``dtype='auto'``: bfloat16 on CUDA; on a CPU the faster of float32 and bfloat16, measured.
+
+    Each candidate builds the lean decoder and its drafter, then times a target step and a drafter
+    step (median of ``repeats``, after warm-up) at 1 and 16 rows with 256 positions of KV; the
+    dtype with the smaller sum wins. Returns ``{"dtype", "reason", "timings": {dtype: {step:
+    seconds}}}``: the choice and its evidence, for the log and the bench report."""
+    device = engine_config.device
+    if torch.device(device).type == "cuda":
+        return {"dtype": "bfloat16", "reason": "CUDA: bfloat16 (tensor cores, half the bytes of float32)",
+                "timings": {}}
+    # One measurement per process and model shape: engines of one process agree (same outputs).
+    key = (ModelArgs.from_hf_config(hf_model.config), device, config.drafter.name, torch.get_num_threads())
+    if key in _DTYPE_CHOICES:
+        return _DTYPE_CHOICES[key]
+    timings: dict[str, dict[str, float]] = {}
+    for name in ("float32", "bfloat16"):
+        model = DecoderLM.from_hf(hf_model, dtype=torch_dtype(name), device=device)
+        try:
+            drafter = build_drafter(model, config.drafter).module
+        except Exception:  # no drafter on this candidate: time the target alone (the engine warns later)
+            drafter = None
+        timings[name] = {}
+        with torch.inference_mode():
+            for batch in _DTYPE_PROBE_BATCHES:
+                cache = KVCache(model.args, batch, _DTYPE_PROBE_CONTEXT + 1, model.dtype, device)
+                tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+                positions = torch.full((batch, 1), _DTYPE_PROBE_CONTEXT, device=device)
+                for kind, module in (("target", model), ("draft", drafter)):
+                    if module is None:
+                        continue
+                    seconds = []
+                    for i in range(repeats + 2):  # two warm-ups
+                        start = clock(device)
+                        module(tokens, positions, cache, slice(0, batch), keys=_DTYPE_PROBE_CONTEXT + 1)
+                        if i >= 2:
+                            seconds.append(clock(device) - start)
+                    timings[name][f"{kind}@{batch}"] = statistics.median(seconds)
+        del model, drafter
+    common = set(timings["float32"]) & set(timings["bfloat16"])
+    total = {name: sum(t[k] for k in common) for name, t in timings.items()}
+    chosen = min(total, key=total.get)
+    detail = ", ".join(f"{name} {1e3 * total[name]:.1f} ms" for name in total)
+    choice = _DTYPE_CHOICES[key] = {
+        "dtype": chosen, "timings": timings,
+        "reason": f"measured on {torch.backends.cpu.get_cpu_capability()}: sum of target and drafter steps at 1 "
+                  f"and 16 rows {detail}"}
+    return choice
 
 
 def resolve_device(config: NativeEngineConfig) -> NativeEngineConfig:

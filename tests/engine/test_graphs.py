@@ -1,0 +1,113 @@
+"""The static-shape decode path (batch buckets, key buckets, padding) that CUDA graphs replay,
+run eagerly on a CPU (``decode_graphs='padded'``), and the slot compaction it relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from verl_efficientrollout.config import EfficientRolloutConfig, SamplingParams
+from verl_efficientrollout.controller import Controller, ControllerConfig
+from verl_efficientrollout.engine.base import Request
+from verl_efficientrollout.engine.graphs import StepRunner, batch_bucket, key_bucket, resolve_mode
+from verl_efficientrollout.engine.model import KVCache
+from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig, _compact
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _engine(model, mode: str) -> NativeEngine:
+    return NativeEngine(model, EfficientRolloutConfig(),
+                        NativeEngineConfig(dtype="float32", max_model_len=300, decode_graphs=mode))
+
+
+def test_batches_pad_to_powers_of_two_and_keys_to_power_of_two_buckets_within_the_cache():
+    assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 16, 17, 33, 100)] == [1, 2, 4, 8, 8, 16, 16, 32, 64, 128]
+    assert key_bucket(1, 2048) == 256 and key_bucket(256, 2048) == 256 and key_bucket(257, 2048) == 512
+    assert key_bucket(1500, 2048) == 2048 and key_bucket(300, 400) == 400  # never past the cache
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        batch_bucket(0)
+    with pytest.raises(ValueError, match=r"keys must be in \[1, 400\]"):
+        key_bucket(401, 400)
+
+
+def test_graph_modes_resolve_per_device_and_bad_modes_are_refused():
+    assert resolve_mode("auto", "cpu") == "off" and resolve_mode("auto", "cuda") == "on"
+    assert resolve_mode("padded", "cpu") == "padded"
+    with pytest.raises(ValueError, match="decode_graphs='on' needs a CUDA device"):
+        StepRunner("on", "cpu")
+    with pytest.raises(ValueError, match=r"NativeEngineConfig.decode_graphs must be one of 'auto', 'off', 'padded', 'on'"):
+        NativeEngineConfig(decode_graphs="always")
+    with pytest.raises(ValueError, match=r"decode_graphs='on' needs device cuda"):
+        NativeEngineConfig(decode_graphs="on", device="cpu")
+
+
+def test_padded_forward_gives_the_exact_rows_logits_and_pads_into_free_slots(small_model):
+    engine = _engine(small_model, "off")
+    args = engine.target.args
+    exact, padded = StepRunner("off", "cpu"), StepRunner("padded", "cpu")
+    assert padded.slots_needed(5) == 8 and exact.slots_needed(5) == 5
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (5, 3), generator=generator)
+    lengths = torch.tensor([7, 2, 11, 4, 9])
+    positions = lengths[:, None] + torch.arange(3)
+    caches = []
+    for runner in (exact, padded):
+        cache = KVCache(args, 8, 300, engine.target.dtype)
+        prefix = torch.randn(cache.k[:, :5, :, :12].shape, generator=torch.Generator().manual_seed(1))
+        cache.k[:, :5, :, :12], cache.v[:, :5, :, :12] = prefix, -prefix
+        caches.append((runner(engine.target, tokens, positions, int(positions.max()) + 1, cache), cache))
+    (exact_logits, exact_cache), (padded_logits, padded_cache) = caches
+    assert padded_logits.shape == exact_logits.shape == (5, 3, args.vocab_size)
+    torch.testing.assert_close(padded_logits, exact_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_cache.k[:, :5], exact_cache.k[:, :5], rtol=1e-5, atol=1e-5)
+    assert padded_cache.k[:, 5:8, :, 1:].abs().sum() == 0  # padded rows wrote position 0 of free slots only
+
+
+def test_padded_path_decodes_greedy_tokens_identical_to_the_exact_path(small_model):
+    """Odd batch sizes (padding in every step), rows finishing at different steps, every policy."""
+    exact, padded = _engine(small_model, "off"), _engine(small_model, "padded")
+    prompts = [(1, 2, 3), (4, 5), (6, 7, 8, 9, 10), (11,), (12, 13), (3, 9, 27)]
+    requests = [Request(p, budget, GREEDY, str(i)) for i, (p, budget) in enumerate(zip(prompts, (40, 7, 23, 31, 3, 17)))]
+    for preset, overrides in (("ar", {}), ("sd-always", {"gamma": 3}), ("sd-always", {"gamma": 1}),
+                              ("efficient", {"prior_acceptance": 0.9})):
+        runs = [engine.generate(requests, controller=Controller(ControllerConfig.preset(preset, **overrides)))
+                for engine in (exact, padded)]
+        assert [o.token_ids for o in runs[1].outputs] == [o.token_ids for o in runs[0].outputs], preset
+        assert [batch for batch, *_ in runs[1].steps] == [batch for batch, *_ in runs[0].steps], preset
+
+
+def test_padded_path_at_temperature_one_follows_the_target_distribution(small_model):
+    """The first two tokens' frequencies under speculative decoding on the padded path match the
+    target's exact distribution (enumerated), as on the eager path (tests/engine/test_native.py)."""
+    engine = _engine(small_model, "padded")
+    prompt, samples = (3, 17, 5, 9), 6000  # 6000 rows pad to 8192: a quarter of every step is padding
+    vocab = engine.target.args.vocab_size
+    with torch.inference_mode():
+        cache = KVCache(engine.target.args, vocab, len(prompt) + 2, engine.target.dtype)
+        tokens = torch.tensor([list(prompt) + [t] for t in range(vocab)])
+        logits = engine.target(tokens, torch.arange(len(prompt) + 1).expand(vocab, -1), cache, torch.arange(vocab))
+    first_probs = logits[0, -2].softmax(-1)
+    second_probs = first_probs @ logits[:, -1].softmax(-1)
+    controller = Controller(ControllerConfig.preset("sd-always", gamma=2))
+    result = engine.generate([Request(prompt, 3, SamplingParams(temperature=1.0))] * samples, seed=3,
+                             controller=controller)
+    drawn = torch.tensor([o.token_ids for o in result.outputs])  # [samples, 3]
+    bound = 0.5 * math.sqrt(vocab / samples) + math.sqrt(math.log(1e6) / (2 * samples))  # ~0.08
+    for position, exact in ((0, first_probs), (1, second_probs)):
+        empirical = torch.bincount(drawn[:, position], minlength=vocab).float() / samples
+        assert 0.5 * (empirical - exact).abs().sum() < bound, position
+    assert 0.0 < controller.stats.token_acceptance < 1.0 and controller.stats.speculated_steps > 0
+
+
+def test_compaction_moves_the_surviving_rows_kv_down_in_order(small_model):
+    args = _engine(small_model, "off").target.args
+    cache = KVCache(args, 5, 16, torch.float32)
+    for slot in range(5):
+        cache.k[:, slot], cache.v[:, slot] = float(slot + 1), -float(slot + 1)
+    lengths = {10: 16, 11: 16, 12: 9, 13: 16, 14: 12}  # committed tokens of rows 10..14, in slots 0..4
+    _compact(cache, [10, 11, 12, 13, 14], [12, 14], lengths)
+    assert (cache.k[:, 0, :, :9] == 3).all() and (cache.v[:, 0, :, :9] == -3).all()  # row 12, its 9 positions
+    assert (cache.k[:, 1, :, :12] == 5).all() and (cache.v[:, 1, :, :12] == -5).all()  # row 14
