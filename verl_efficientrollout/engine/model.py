@@ -107,15 +107,17 @@ class Block(nn.Module):
         a = self.args
         batch, tokens, _ = x.shape
         qkv = self.wqkv(self.attn_norm(x)).view(batch, tokens, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
-        q, k, v = qkv.transpose(1, 2).split([a.num_heads, a.num_kv_heads, a.num_kv_heads], dim=1)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        qk, v = qkv.transpose(1, 2).split([a.num_heads + a.num_kv_heads, a.num_kv_heads], dim=1)
+        q, k = _rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for q and k
         keys = mask.shape[-1]
         if isinstance(slots, slice):  # contiguous slots: write through a view, attend over a view (no gather)
             k_rows, v_rows = cache.k[self.layer, slots], cache.v[self.layer, slots]  # [batch, kv, max_len, dim]
             rows = torch.arange(batch, device=x.device)[:, None]
             k_rows[rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
             v_rows[rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
-            k_all, v_all = k_rows[:, :, :keys].to(q.dtype), v_rows[:, :, :keys].to(q.dtype)
+            k_all, v_all = k_rows[:, :, :keys], v_rows[:, :, :keys]
+            if k_all.dtype != q.dtype:
+                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
         else:
             rows = slots[:, None]  # with positions [batch, tokens]: writes [batch, tokens, kv, dim]
             cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)

@@ -229,10 +229,10 @@ class NativeEngine:
                 new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
                 num_accepted, finite = torch.zeros(batch, dtype=torch.long, device=device), None
             marks.mark()
-            # The step's one read of the device: accepted counts, tokens (and the drafter's health).
-            packed = [num_accepted[:, None], new_tokens] + ([finite.long().expand(batch, 1)] if finite is not None else [])
-            host = torch.cat(packed, dim=1).tolist()  # [batch, 1 + tokens (+ 1)]
-            if finite is not None and not host[0][-1]:  # the drafter produced NaN/inf: redo this step plain
+            logprobs_of = (lambda logits, tokens: token_logprobs(logits, params[0], tokens)) if want_logprobs else None
+            row_accepted, row_tokens, step_logprobs, healthy = _read_step(num_accepted, new_tokens, finite,
+                                                                          target_logits, logprobs_of)
+            if not healthy:  # the drafter produced NaN/inf: redo this step plain
                 self._disable_drafter(f"the drafter ({self.drafter.report.recipe}) produced NaN or inf logits")
                 decision = Decision(False, 0, decision.predicted_speedup, "drafter fault")
                 row_drafts = [0] * batch
@@ -242,8 +242,8 @@ class NativeEngine:
                 new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
                 num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
                 marks.mark()
-                host = torch.cat([num_accepted[:, None], new_tokens], dim=1).tolist()
-            row_accepted = [h[0] for h in host]
+                row_accepted, row_tokens, step_logprobs, _ = _read_step(num_accepted, new_tokens, None, target_logits,
+                                                                        logprobs_of)
             if decision.speculate:
                 for row, drafts, accepted_tokens in zip(active_rows, row_drafts, row_accepted):
                     if drafts:
@@ -262,14 +262,11 @@ class NativeEngine:
             # Commit: the previous last token and the accepted drafts are now in the KV cache.
             device_lengths[active] += num_accepted + 1
             last[active] = new_tokens[torch.arange(batch, device=device), num_accepted]
-            step_logprobs = token_logprobs(target_logits, params[0], new_tokens).tolist() if want_logprobs \
-                else [[]] * batch  # [batch, tokens of this step]
             keep = []
-            for i, (row, accepted_tokens, row_host, row_logprobs) in enumerate(
-                    zip(active_rows, row_accepted, host, step_logprobs)):
+            for row, accepted_tokens, tokens, row_logprobs in zip(active_rows, row_accepted, row_tokens, step_logprobs):
                 lengths[row] += accepted_tokens + 1
                 start = len(generated[row])
-                generated[row].extend(row_host[1: accepted_tokens + 2])
+                generated[row].extend(tokens[: accepted_tokens + 1])
                 logprobs[row].extend(row_logprobs[: accepted_tokens + 1])
                 reasons[row] = self._finish_reason(generated[row], requests[row].max_new_tokens, start)
                 if reasons[row] is None:
@@ -385,6 +382,28 @@ class NativeEngine:
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
         return output, num_accepted, target_logits, finite
+
+
+def _read_step(
+    num_accepted: torch.Tensor,  # [batch] int64
+    new_tokens: torch.Tensor,  # [batch, tokens] int64
+    finite: torch.Tensor | None,  # [] bool: every draft logit was finite (None: no drafts)
+    target_logits: torch.Tensor,  # [batch, tokens, vocab]
+    logprobs_of: Callable | None,  # (logits, tokens) -> [batch, tokens] log-probs, when requests want them
+) -> tuple[list[int], list[list[int]], list[list[float]], bool]:
+    """The decode step's one read of the device: accepted counts, tokens, the drafter's health and
+    (when asked) the tokens' log-probs, packed into one float64 tensor (token ids are exact there)."""
+    batch, width = new_tokens.shape
+    packed = [num_accepted[:, None].double(), new_tokens.double()]
+    if finite is not None:
+        packed.append(finite.double().expand(batch, 1))
+    if logprobs_of is not None:
+        packed.append(logprobs_of(target_logits, new_tokens).double())
+    host = torch.cat(packed, dim=1).tolist()  # [batch, 1 + tokens (+ 1) (+ tokens)]
+    healthy = finite is None or bool(host[0][1 + width])
+    logprobs_at = 1 + width + (finite is not None)
+    return ([int(h[0]) for h in host], [[int(t) for t in h[1: 1 + width]] for h in host],
+            [h[logprobs_at:] for h in host] if logprobs_of is not None else [[]] * batch, healthy)
 
 
 class _Marks:
