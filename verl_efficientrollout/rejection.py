@@ -13,7 +13,7 @@ output then follows ``target_probs`` exactly, whatever the draft distribution.
 Random-number contract (identical for ``rejection_sample`` and its loop reference): each
 call draws, from ``generator`` and in this order,
   1. ``torch.rand((batch, max_gamma), dtype=float32)``: one uniform per draft slot, and
-  2. one ``sample`` call on a ``[batch, vocab]`` tensor: ``batch * vocab`` Exp(1) numbers.
+  2. one ``sample`` call on a ``[batch, vocab]`` tensor: ``batch`` float64 uniforms.
 The amount depends only on the shapes, never on the values, ``num_draft_tokens`` or
 ``greedy``; so outputs are reproducible for a fixed seed and batch (not per request: a row's
 random numbers depend on its position in the batch and on ``max_gamma``). Padding slots and

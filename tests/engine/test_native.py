@@ -181,3 +181,19 @@ def test_auto_dtype_times_float32_and_bfloat16_here_and_keeps_the_faster(small_m
     assert explicit.dtype_choice is None and explicit.target.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"NativeEngineConfig.dtype must be one of 'auto', 'float32', 'bfloat16'"):
         NativeEngineConfig(dtype="int8")
+
+
+def test_log_probs_are_the_targets_own_for_every_sampled_token_with_and_without_speculation(small_engine):
+    from verl_efficientrollout.engine.model import KVCache
+
+    prompt, new = (1, 2, 3), 10
+    for preset in ("ar", "sd-always"):
+        request = Request(prompt, new, SamplingParams(temperature=1.0), logprobs=True)
+        output = small_engine.generate([request, request], seed=2, controller=_controller(preset)).outputs[1]
+        ids = list(prompt) + output.token_ids
+        with torch.inference_mode():
+            cache = KVCache(small_engine.target.args, 1, len(ids), small_engine.target.dtype)
+            logits = small_engine.target(torch.tensor([ids]), torch.arange(len(ids))[None], cache, torch.tensor([0]))[0]
+        expected = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(output.token_ids)[:, None])[:, 0]
+        assert len(output.log_probs) == new, preset
+        torch.testing.assert_close(torch.tensor(output.log_probs), expected, atol=1e-4, rtol=1e-4)

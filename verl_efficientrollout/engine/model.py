@@ -82,17 +82,64 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+_PACK_BATCH_HINT = 16  # rows oneDNN lays packed weights out for (any batch runs; decode batches are small)
+
+
+def onednn_linear_ops():
+    """torch's oneDNN linear ops, ``(reorder_linear_weight, linear_pointwise)``, or None where this
+    torch lacks them. They are internal to torch (``torch.ops.mkldnn``, what inductor's CPU freezing
+    packs weights with): this is the one place that names them."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run on a CPU from a oneDNN pre-packed copy of its weight (``pack``).
+
+    Decode's GEMMs have few rows; for those, oneDNN's blocked weight layout runs the default model's
+    steps 1.3x (1 row) to 1.7x (4 rows) faster than aten's fp32 linear on the AVX2-only EPYC
+    (measured). The packed copy serves only while ``weight`` is the very tensor it was packed from:
+    a replaced weight (a weight update, torchao's quantized drafter weight in a shallow clone) runs
+    ``F.linear`` again. Weights of this model are replaced, never modified in place."""
+
+    _packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (source weight, packed weight)
+
+    def pack(self) -> bool:
+        """Pack the current weight (CPU, float32 or bfloat16); False where that is not possible."""
+        ops = onednn_linear_ops()
+        weight = self.weight
+        self._packed = None
+        if ops is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        try:
+            self._packed = (weight, ops[0](weight.detach(), _PACK_BATCH_HINT))
+        except RuntimeError:  # no oneDNN kernel for this dtype on this CPU: aten's linear
+            return False
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        packed = self._packed
+        if packed is None or packed[0] is not self.weight:
+            return F.linear(x, self.weight, self.bias)
+        out = onednn_linear_ops()[1](x.reshape(-1, x.shape[-1]), packed[1], self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.args, self.layer = args, layer
         qkv_out = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.wqkv = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.wqkv = Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.wo = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate, up
-        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.w13 = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate, up
+        self.w2 = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(
         self,
@@ -143,7 +190,8 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.pack_cpu_linears = False  # set by from_hf: (re)pack every Linear whenever weights load
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", _inv_freq(args), persistent=False)
@@ -180,13 +228,16 @@ class DecoderLM(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype | None = None, device=None) -> "DecoderLM":
+    def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype | None = None, device=None,
+                pack_cpu_linears: bool = False) -> "DecoderLM":
         """Build from a loaded transformers model (weights fused: qkv, gate/up); by default in
-        the model's own dtype and device."""
+        the model's own dtype and device. ``pack_cpu_linears``: on a CPU, every linear also keeps a
+        oneDNN pre-packed copy of its weight (faster decode, a second copy of the weights)."""
         args = ModelArgs.from_hf_config(hf_model.config)
         param = next(hf_model.parameters())
         with torch.device("meta"):
             model = cls(args)
+        model.pack_cpu_linears = pack_cpu_linears
         model.load_hf_state_dict(hf_model.state_dict(), dtype=dtype or param.dtype, device=device or param.device)
         return model.eval().requires_grad_(False)
 
@@ -209,6 +260,16 @@ class DecoderLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.inv_freq = _inv_freq(self.args, device)
+        if self.pack_cpu_linears:
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.pack()
+
+    @property
+    def packed_linears(self) -> int:
+        """How many linears currently run from a oneDNN pre-packed weight."""
+        return sum(1 for m in self.modules() if isinstance(m, Linear) and m._packed is not None
+                   and m._packed[0] is m.weight)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under Hugging Face names (views, unfused): the inverse of ``load_hf_state_dict``."""

@@ -71,7 +71,8 @@ class NativeEngine:
             self.dtype_choice = choose_dtype(hf_model, self.config, engine_config)
             self.engine_config = engine_config = replace(engine_config, dtype=self.dtype_choice["dtype"])
             logger.info("native engine dtype %s (%s)", engine_config.dtype, self.dtype_choice["reason"])
-        self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device)
+        self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device,
+                                        pack_cpu_linears=engine_config.pack_cpu_linears)
         self.drafter: Drafter | None = self._build_drafter()
 
     @classmethod
@@ -467,12 +468,14 @@ def choose_dtype(hf_model, config: EfficientRolloutConfig, engine_config: Native
         return {"dtype": "bfloat16", "reason": "CUDA: bfloat16 (tensor cores, half the bytes of float32)",
                 "timings": {}}
     # One measurement per process and model shape: engines of one process agree (same outputs).
-    key = (ModelArgs.from_hf_config(hf_model.config), device, config.drafter.name, torch.get_num_threads())
+    key = (ModelArgs.from_hf_config(hf_model.config), device, config.drafter.name, torch.get_num_threads(),
+           engine_config.pack_cpu_linears)
     if key in _DTYPE_CHOICES:
         return _DTYPE_CHOICES[key]
     timings: dict[str, dict[str, float]] = {}
     for name in ("float32", "bfloat16"):
-        model = DecoderLM.from_hf(hf_model, dtype=torch_dtype(name), device=device)
+        model = DecoderLM.from_hf(hf_model, dtype=torch_dtype(name), device=device,
+                                  pack_cpu_linears=engine_config.pack_cpu_linears)
         try:
             drafter = build_drafter(model, config.drafter).module
         except Exception:  # no drafter on this candidate: time the target alone (the engine warns later)
