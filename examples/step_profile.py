@@ -30,7 +30,7 @@ from verl_efficientrollout.engine.model import KVCache
 from verl_efficientrollout.engine.native import NativeEngine, NativeEngineConfig
 
 # The model's own compute: GEMMs (dense, int4) and attention; the rest is overhead around them.
-KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm_for_cpu",
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm_for_cpu",
            "aten::_weight_int4pack_mm_with_scales_and_zeros", "aten::_scaled_dot_product_flash_attention_for_cpu",
            "aten::_scaled_dot_product_attention_math", "aten::_scaled_dot_product_efficient_attention")
 
