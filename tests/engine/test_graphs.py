@@ -3,6 +3,7 @@ run eagerly on a CPU (``decode_graphs='padded'``), and the slot compaction it re
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -111,3 +112,22 @@ def test_compaction_moves_the_surviving_rows_kv_down_in_order(small_model):
     _compact(cache, [10, 11, 12, 13, 14], [12, 14], lengths)
     assert (cache.k[:, 0, :, :9] == 3).all() and (cache.v[:, 0, :, :9] == -3).all()  # row 12, its 9 positions
     assert (cache.k[:, 1, :, :12] == 5).all() and (cache.v[:, 1, :, :12] == -5).all()  # row 14
+
+
+def test_a_failed_capture_falls_back_to_eager_with_one_warning(small_model, caplog):
+    """On this CPU-only machine a capture really fails (no CUDA): the step still runs, eagerly,
+    with the exact path's logits, and only the first failure warns."""
+    import logging
+
+    engine = _engine(small_model, "off")
+    runner = StepRunner("on", "cuda")  # constructing asks nothing of CUDA; capturing does
+    cache = KVCache(engine.target.args, 4, 64, torch.float32)
+    tokens, positions = torch.tensor([[3], [5], [7]]), torch.tensor([[0], [0], [0]])
+    with caplog.at_level(logging.WARNING):
+        logits = runner(engine.target, tokens, positions, 1, cache)
+        runner(engine.target, tokens, positions, 1, cache)  # the module stays eager: no second capture
+        other = copy.copy(engine.target)  # another module fails too, but warns no more
+        runner(other, tokens, positions, 1, cache)
+    reference = engine.target(tokens, positions, KVCache(engine.target.args, 4, 64, torch.float32), slice(0, 3), keys=1)
+    torch.testing.assert_close(logits, reference)
+    assert caplog.text.count("CUDA graph capture of DecoderLM failed") == 1 and runner.captures == 0

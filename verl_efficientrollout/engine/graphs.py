@@ -130,7 +130,8 @@ class StepRunner:
                 "update", type(model).__name__, type(exc).__name__, exc)
             self._warned = True
             self._eager.add(id(model))
-            torch.cuda.synchronize(self.device)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device)
             return None
         self.captures += 1
         return _Graph(graph, static_tokens, static_positions, logits)
