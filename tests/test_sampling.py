@@ -103,3 +103,11 @@ def test_sample_histogram_matches_probs():
     assert tv < 0.01, tv
     assert histogram[-1] == 0
     assert tv < 0.5 * math.sqrt(2 * vocab / (math.pi * num_draws)) + 0.005
+
+
+def test_sample_of_rows_that_are_not_probabilities_still_returns_token_ids_in_range():
+    """A faulty drafter's NaN logits must not turn into an out-of-range index (an embedding
+    IndexError on a CPU, a device-side assert on a GPU) before the engine discards its step."""
+    probs = torch.tensor([[float("nan")] * 5, [0.0, float("inf"), 1.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
+    tokens = sample(probs, torch.Generator().manual_seed(0))
+    assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 5)).all())

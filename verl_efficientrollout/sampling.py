@@ -87,7 +87,9 @@ def sample(
     total = cdf[:, -1:]  # [N, 1]
     uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator, device=probs.device)
     point = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # < total, rounding too
-    return torch.searchsorted(cdf, point, right=True)[:, 0]
+    # The clamp only matters for rows that are not probabilities (NaN from a faulty drafter, whose
+    # step the engine discards): their draw stays a valid token id, never an out-of-range index.
+    return torch.searchsorted(cdf, point, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def token_logprobs(

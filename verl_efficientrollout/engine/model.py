@@ -83,6 +83,18 @@ class RMSNorm(nn.Module):
 
 
 _PACK_BATCH_HINT = 16  # rows oneDNN lays packed weights out for (any batch runs; decode batches are small)
+_PACKED_MAX_ROWS = 64  # more rows (prefill, large batches): aten's linear, compute-bound and fine there
+
+
+def packed_rows(rows: int) -> int:
+    """Rows a packed linear runs for ``rows`` input rows: 1, 2, 4, 8, 16, then multiples of 16.
+
+    oneDNN compiles and caches a kernel per input shape (about 0.6 MB each, measured): padding the
+    rows to these few buckets bounds that cache (8 shapes per linear) where exact row counts grew
+    it by 100 MB in the soak test. Padding a few rows costs nothing in this bandwidth-bound regime."""
+    if rows <= 16:
+        return 1 << (rows - 1).bit_length()
+    return -(-rows // 16) * 16
 
 
 def onednn_linear_ops():
@@ -123,9 +135,13 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         packed = self._packed
-        if packed is None or packed[0] is not self.weight:
+        rows = x.numel() // x.shape[-1]
+        if packed is None or packed[0] is not self.weight or not 0 < rows <= _PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
-        out = onednn_linear_ops()[1](x.reshape(-1, x.shape[-1]), packed[1], self.bias, "none", [], "")
+        flat, padded = x.reshape(rows, x.shape[-1]), packed_rows(rows)
+        if padded != rows:
+            flat = F.pad(flat, (0, 0, 0, padded - rows))
+        out = onednn_linear_ops()[1](flat, packed[1], self.bias, "none", [], "")[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
