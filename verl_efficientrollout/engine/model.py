@@ -114,7 +114,7 @@ class Linear(nn.Linear):
 
     Decode's GEMMs have few rows; for those, oneDNN's blocked weight layout runs the default model's
     steps 1.3x (1 row) to 1.7x (4 rows) faster than aten's fp32 linear on the AVX2-only EPYC
-    (measured). The packed copy serves only while ``weight`` is the very tensor it was packed from:
+    (measured). Rows are padded to ``packed_rows`` buckets; above 64 rows aten runs. The packed copy serves only while ``weight`` is the very tensor it was packed from:
     a replaced weight (a weight update, torchao's quantized drafter weight in a shallow clone) runs
     ``F.linear`` again. Weights of this model are replaced, never modified in place."""
 
