@@ -24,8 +24,8 @@ def test_a_packed_linear_computes_what_f_linear_does_for_any_row_count(dtype):
         linear.weight.copy_(torch.randn(40, 96, generator=generator))
         linear.bias.copy_(torch.randn(40, generator=generator))
     linear = linear.to(dtype)
-    if not linear.pack():
-        pytest.skip(f"oneDNN cannot pack {dtype} on this CPU")
+    if not linear.pack():  # no oneDNN kernel for this dtype here (bf16 on an AVX2-only CPU): aten serves
+        assert linear._packed is None
     tolerance = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-1}
     for shape in [(1, 96), (3, 1, 96), (5, 7, 96), (70, 96), (2, 0, 96)]:
         x = torch.randn(shape, generator=generator).to(dtype)

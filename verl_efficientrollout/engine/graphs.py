@@ -66,7 +66,7 @@ class StepRunner:
         self._pool = None
         self._eager: set[int] = set()  # modules whose capture failed: eager from then on
         self._warned = False
-        self.captures = 0  # graphs captured since the engine started (reported by the bench)
+        self.captures = 0  # graphs captured since the engine started
 
     def reset(self) -> None:
         """Forget every graph: after a weight update or a new KV cache their addresses are stale."""

@@ -114,11 +114,12 @@ class Linear(nn.Linear):
 
     Decode's GEMMs have few rows; for those, oneDNN's blocked weight layout runs the default model's
     steps 1.3x (1 row) to 1.7x (4 rows) faster than aten's fp32 linear on the AVX2-only EPYC
-    (measured). Rows are padded to ``packed_rows`` buckets; above 64 rows aten runs. The packed copy serves only while ``weight`` is the very tensor it was packed from:
-    a replaced weight (a weight update, torchao's quantized drafter weight in a shallow clone) runs
-    ``F.linear`` again. Weights of this model are replaced, never modified in place."""
+    (measured). Rows are padded to ``packed_rows`` buckets; above 64 rows aten runs. The packed copy
+    serves only while ``weight`` is the very tensor it was packed from: a replaced weight (a weight
+    update, torchao's quantized drafter weight in a shallow clone) runs ``F.linear`` again. Weights
+    of this model are replaced, never modified in place."""
 
-    _packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (source weight, packed weight)
+    _packed: tuple | None = None  # (source weight, packed weight, oneDNN linear op)
 
     def pack(self) -> bool:
         """Pack the current weight (CPU, float32 or bfloat16); False where that is not possible."""
@@ -128,7 +129,7 @@ class Linear(nn.Linear):
         if ops is None or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             return False
         try:
-            self._packed = (weight, ops[0](weight.detach(), _PACK_BATCH_HINT))
+            self._packed = (weight, ops[0](weight.detach(), _PACK_BATCH_HINT), ops[1])
         except RuntimeError:  # no oneDNN kernel for this dtype on this CPU: aten's linear
             return False
         return True
@@ -141,7 +142,7 @@ class Linear(nn.Linear):
         flat, padded = x.reshape(rows, x.shape[-1]), packed_rows(rows)
         if padded != rows:
             flat = F.pad(flat, (0, 0, 0, padded - rows))
-        out = onednn_linear_ops()[1](flat, packed[1], self.bias, "none", [], "")[:rows]
+        out = packed[2](flat, packed[1], self.bias, "none", [], "")[:rows]
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -173,20 +174,15 @@ class Block(nn.Module):
         qk, v = qkv.transpose(1, 2).split([a.num_heads + a.num_kv_heads, a.num_kv_heads], dim=1)
         q, k = _rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for q and k
         keys = mask.shape[-1]
-        if isinstance(slots, slice):  # contiguous slots: write through a view, attend over a view (no gather)
-            k_rows, v_rows = cache.k[self.layer, slots], cache.v[self.layer, slots]  # [batch, kv, max_len, dim]
-            rows = torch.arange(batch, device=x.device)[:, None]
-            k_rows[rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-            v_rows[rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
-            k_all, v_all = k_rows[:, :, :keys], v_rows[:, :, :keys]
-            if k_all.dtype != q.dtype:
-                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        if isinstance(slots, slice):
+            rows = torch.arange(slots.start, slots.stop, device=x.device)[:, None]
         else:
             rows = slots[:, None]  # with positions [batch, tokens]: writes [batch, tokens, kv, dim]
-            cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
-            cache.v[self.layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
-            k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)  # [batch, kv, keys, dim]
-            v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
+        cache.k[self.layer][rows, :, positions] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[self.layer][rows, :, positions] = v.transpose(1, 2).to(cache.v.dtype)
+        # [batch, kv, keys, dim]: a view for a slice of slots (no copy), a gather for a tensor of them
+        k_all = cache.k[self.layer, slots, :, :keys].to(q.dtype)
+        v_all = cache.v[self.layer, slots, :, :keys].to(q.dtype)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.num_kv_heads != a.num_heads)
         x = x + self.wo(out.transpose(1, 2).reshape(batch, tokens, a.num_heads * a.head_dim))
         gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)

@@ -225,10 +225,8 @@ class NativeEngine:
                     cache, row_lengths, longest, last[active], torch.tensor(row_drafts, device=device),
                     decision.gamma, params, generator, marks)
             else:
-                marks.mark()
-                target_logits = self.runner(self.target, last[active, None], row_lengths[:, None], longest + 1, cache)
-                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
-                num_accepted, finite = torch.zeros(batch, dtype=torch.long, device=device), None
+                new_tokens, num_accepted, target_logits, finite = self._plain_step(
+                    cache, row_lengths, longest, last[active], params, generator, marks)
             marks.mark()
             logprobs_of = (lambda logits, tokens: token_logprobs(logits, params[0], tokens)) if want_logprobs else None
             row_accepted, row_tokens, step_logprobs, healthy = _read_step(num_accepted, new_tokens, finite,
@@ -238,10 +236,8 @@ class NativeEngine:
                 decision = Decision(False, 0, decision.predicted_speedup, "drafter fault")
                 row_drafts = [0] * batch
                 marks = _Marks(device)
-                marks.mark()
-                target_logits = self.runner(self.target, last[active, None], row_lengths[:, None], longest + 1, cache)
-                new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
-                num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+                new_tokens, num_accepted, target_logits, _ = self._plain_step(
+                    cache, row_lengths, longest, last[active], params, generator, marks)
                 marks.mark()
                 row_accepted, row_tokens, step_logprobs, _ = _read_step(num_accepted, new_tokens, None, target_logits,
                                                                         logprobs_of)
@@ -355,6 +351,15 @@ class NativeEngine:
                     cache.k[:, rows[1:], :, : len(prompt)] = cache.k[:, rows[:1], :, : len(prompt)]
                     cache.v[:, rows[1:], :, : len(prompt)] = cache.v[:, rows[:1], :, : len(prompt)]
         return logits
+
+    def _plain_step(self, cache, lengths, longest, last, params, generator, marks):
+        """One target forward for the last token of each row (rows in the cache's first slots), one
+        draw each. Returns what ``_speculative_step`` returns: ``(tokens [batch, 1], accepted [batch]
+        (zeros), target logits [batch, 1, vocab], None)``."""
+        marks.mark()
+        target_logits = self.runner(self.target, last[:, None], lengths[:, None], longest + 1, cache)
+        new_tokens = sample(logits_to_probs(target_logits[:, 0], *params), generator)[:, None]
+        return new_tokens, torch.zeros_like(lengths), target_logits, None
 
     def _speculative_step(self, cache, lengths, longest, last, num_draft, gamma, params, generator, marks):
         """Draft ``gamma`` tokens on the shared cache (rows in its first slots), verify them in one
