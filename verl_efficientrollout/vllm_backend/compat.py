@@ -81,6 +81,15 @@ def torchao_quantization_base():
     return TorchAOConfig, register_quantization_config
 
 
+def torchao_linear_method():
+    """vLLM's ``TorchAOLinearMethod``: the linear method of a ``TorchAOConfig`` (subclassed by our
+    plugin to run int4 linears of a float32 or float16 target on bf16 activations)."""
+    vllm_version()
+    from vllm.model_executor.layers.quantization.torchao import TorchAOLinearMethod
+
+    return TorchAOLinearMethod
+
+
 def expand_batch_to_tokens_reference(
     output: torch.Tensor,  # [num_tokens], written in place
     input_val: torch.Tensor,  # [batch]
