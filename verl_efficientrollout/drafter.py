@@ -179,6 +179,15 @@ def activation_dtype(config: DrafterConfig, backend: str, target_dtype: torch.dt
     return None
 
 
+def linear_in_dtype(x: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    """``F.linear`` computed in ``dtype`` (``activation_dtype``'s choice; None: as ``x`` comes),
+    returned in ``x``'s dtype. x: [..., in] -> [..., out]."""
+    if dtype is None or x.dtype == dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+    return out.to(x.dtype)
+
+
 def _cast_copy(linear: nn.Linear, dtype: torch.dtype) -> nn.Linear:
     copy_ = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     copy_.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)

@@ -60,10 +60,9 @@ def _activation_cast_method(base):
             super().process_weights_after_loading(layer)
 
         def apply(self, layer, x, bias=None):  # x: [tokens, in] in the target's dtype
-            import torch.nn.functional as F
+            from verl_efficientrollout.drafter import linear_in_dtype
 
-            out = F.linear(x.to(self.dtype), layer.weight, None if bias is None else bias.to(self.dtype))
-            return out.to(x.dtype)
+            return linear_in_dtype(x, layer.weight, bias, self.dtype)
 
     return ActivationCastTorchAOLinearMethod
 

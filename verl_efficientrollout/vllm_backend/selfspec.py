@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from verl_efficientrollout.config import DrafterConfig
-from verl_efficientrollout.drafter import activation_dtype, tensor_bytes, torchao_config
+from verl_efficientrollout.drafter import activation_dtype, linear_in_dtype, tensor_bytes, torchao_config
 from verl_efficientrollout.vllm_backend import compat
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ class _TorchaoLinear:
         self.dtype = dtype  # activations cast to it (int4 kernels take bf16), None: as they come
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dtype is None or x.dtype == self.dtype:
-            return nn.functional.linear(x, layer.weight, bias)
-        out = nn.functional.linear(x.to(self.dtype), layer.weight, None if bias is None else bias.to(self.dtype))
-        return out.to(x.dtype)
+        return linear_in_dtype(x, layer.weight, bias, self.dtype)
 
 
 def _is_checkpoint_linear(name: str) -> bool:
