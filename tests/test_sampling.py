@@ -111,3 +111,14 @@ def test_sample_of_rows_that_are_not_probabilities_still_returns_token_ids_in_ra
     probs = torch.tensor([[float("nan")] * 5, [0.0, float("inf"), 1.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
     tokens = sample(probs, torch.Generator().manual_seed(0))
     assert tokens.shape == (3,) and bool(((tokens >= 0) & (tokens < 5)).all())
+
+
+def test_host_hints_change_no_probability():
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 3, 50, generator=generator)  # [batch, tokens, vocab]
+    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0])  # no greedy row
+    for top_k, top_p in [([0] * 4, [1.0] * 4), ([0, 5, 0, 3], [1.0, 0.9, 0.5, 1.0])]:
+        top_k, top_p = torch.tensor(top_k), torch.tensor(top_p)
+        filtered = bool((top_k > 0).any() or (top_p < 1).any())
+        reference = logits_to_probs(logits, temperature, top_k, top_p)
+        assert torch.equal(logits_to_probs(logits, temperature, top_k, top_p, filtered, any_greedy=False), reference)

@@ -249,6 +249,7 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         "dtype": engine.engine_config.dtype,
         "dtype_choice": engine.dtype_choice,
         "decode_graphs": engine.runner.mode,
+        "cpu_decode_ops": engine.target.decode_ops is not None,
         "calibration": calibration,
         "fitted_profile": profile.to_dict(),
         "oracle_bound": bound(acceptance_for_bound) if acceptance_for_bound else 1.0,
@@ -379,7 +380,8 @@ def format_bench(report: dict) -> str:
     lines = [
         f"workload: {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, temperature "
         f"{c['temperature']}, up to {c['max_new_tokens']} new tokens, {dtype}, drafter {report['drafter_recipe']}; "
-        f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_capability']}",
+        f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_capability']}"
+        + (", compiled CPU decode ops" if report.get("cpu_decode_ops") else ""),
         "",
         "| mode | rollout s (per repeat) | ratio vs ar (min-max) | oracle bound | tokens/s | acceptance | "
         "mean accepted length | speculated steps | gamma histogram |",

@@ -110,7 +110,10 @@ class NativeEngineConfig:
     exact batch sizes) or ``padded`` (eager through the graphs' batch buckets and padding: the
     graph path's logic, runnable on a CPU). ``pack_cpu_linears``: on a CPU, every decoder linear
     and the lm_head also keep a oneDNN pre-packed copy of their weights, which decode's few-row
-    GEMMs run from (faster; twice the weight memory)."""
+    GEMMs run from (faster; twice the weight memory). ``cpu_decode_ops``: on a CPU in float32,
+    one-token steps (decode, the drafter's steps) run their norms, RoPE + KV write + attention and
+    SiLU-multiply as C++ ops built with the machine's compiler at first use
+    (``engine/cpu_kernels.py``); where they cannot be built, PyTorch's ops serve after one warning."""
 
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
@@ -118,11 +121,14 @@ class NativeEngineConfig:
     decode_graphs: str = "auto"  # auto | on | off | padded
     # CPU: run the linears from oneDNN pre-packed weights (faster few-row GEMMs; a second weight copy)
     pack_cpu_linears: bool = True
+    # CPU, float32: one-token steps' norms, RoPE + KV write + attention, SiLU-mul as compiled ops
+    cpu_decode_ops: bool = True
 
     def __post_init__(self) -> None:
         check_choice("NativeEngineConfig", "dtype", self.dtype, NATIVE_DTYPES)
-        if not isinstance(self.pack_cpu_linears, bool):
-            raise ValueError(f"NativeEngineConfig.pack_cpu_linears must be true or false, got {self.pack_cpu_linears!r}")
+        for name in ("pack_cpu_linears", "cpu_decode_ops"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"NativeEngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         check_int("NativeEngineConfig", "max_model_len", self.max_model_len, low=2)
         check_choice("NativeEngineConfig", "decode_graphs", self.decode_graphs, DECODE_GRAPH_MODES)
         if self.decode_graphs == "on" and self.device == "cpu":

@@ -34,11 +34,13 @@ def logits_to_probs(
     top_k: torch.Tensor,  # [batch] int; 0 = off
     top_p: torch.Tensor,  # [batch] float; 1.0 = off
     filtered: bool | None = None,  # any row with top-k or top-p (None: read it from the device)
+    any_greedy: bool | None = None,  # any row with temperature 0 (None: assume some)
 ) -> torch.Tensor:  # [batch, ..., vocab] float32
     """Temperature, then top-k, then top-p (on the top-k-renormalised mass), softmax in float32.
 
     Pass ``filtered`` when the caller knows it (from the requests' ``SamplingParams``): the
-    function then never synchronises with the device.
+    function then never synchronises with the device. ``any_greedy=False`` (no greedy row, known
+    on the host) skips building the greedy rows' one-hots.
 
     Top-p keeps the smallest set of highest-probability tokens whose cumulative probability
     reaches ``top_p`` (the top token is always kept). Ties in top-k are broken towards the
@@ -54,6 +56,8 @@ def logits_to_probs(
     if filtered is None:
         filtered = bool((top_k > 0).any()) or bool((top_p < 1).any())
     if not filtered:  # no filter: skip the vocab sort
+        if any_greedy is False:
+            return scaled.softmax(dim=-1)
         one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
         return torch.where(greedy, one_hot, scaled.softmax(dim=-1))
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)
@@ -66,7 +70,8 @@ def logits_to_probs(
     drop = (mass_before >= top_p - _TOP_P_EPS) & (ranks > 0) & (top_p < 1)
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     probs = torch.empty_like(sorted_probs).scatter_(-1, sorted_ids, sorted_probs)
-
+    if any_greedy is False:
+        return probs
     one_hot = torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab).float()
     return torch.where(greedy, one_hot, probs)
 

@@ -6,7 +6,10 @@ positions and KV-cache slot, and a rejected draft is rolled back by position alo
 positions a row has not committed are never attended (causal mask on absolute positions) and get
 overwritten by the next write. The engine keeps its active rows in the first slots of the cache
 (``slots=slice(0, batch)``), so attention reads each layer's KV as a view; a tensor of slots
-(prefill, any other caller) gathers them instead.
+(prefill, any other caller) gathers them instead. On a CPU in float32 a one-token step over such a
+slice runs four compiled ops per layer besides the GEMMs (``cpu_kernels``: norms, RoPE + KV write +
+attention, SiLU-multiply); every other forward, and a machine where they cannot be built, runs the
+PyTorch ops of ``Block.forward``.
 
 The drafter is ``build_drafter(model, ...)`` of this module: same class, same cache.
 """
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from verl_efficientrollout.engine import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' config.model_type
 
@@ -167,9 +172,17 @@ class Block(nn.Module):
         slots: torch.Tensor | slice,  # [batch] int64, or slice(first, first + batch): contiguous slots
         positions: torch.Tensor,  # [batch, tokens] int64
         mask: torch.Tensor,  # [batch, 1, tokens, keys] bool
+        decode_ops=None,  # cpu_kernels.decode_ops(), for a one-token float32 step over a slice of slots
     ) -> torch.Tensor:
         a = self.args
         batch, tokens, _ = x.shape
+        if decode_ops is not None:  # the same computation as below, in four compiled ops and the GEMMs
+            out = decode_ops.decode_attention(  # RoPE, the KV write and attention: [batch, 1, heads * dim]
+                self.wqkv(decode_ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)), cos, sin,
+                cache.k[self.layer, slots], cache.v[self.layer, slots], positions, a.num_heads, a.num_kv_heads,
+                a.head_dim**-0.5)
+            x, normed = decode_ops.add_rms_norm(x, self.wo(out), self.mlp_norm.weight, self.mlp_norm.eps)
+            return x + self.w2(decode_ops.silu_mul(self.w13(normed)))
         qkv = self.wqkv(self.attn_norm(x)).view(batch, tokens, a.num_heads + 2 * a.num_kv_heads, a.head_dim)
         qk, v = qkv.transpose(1, 2).split([a.num_heads + a.num_kv_heads, a.num_kv_heads], dim=1)
         q, k = _rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for q and k
@@ -204,6 +217,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.pack_cpu_linears = False  # set by from_hf: (re)pack every Linear whenever weights load
+        self.decode_ops = None  # set by from_hf: cpu_kernels.decode_ops(), for one-token steps
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", _inv_freq(args), persistent=False)
@@ -233,24 +247,34 @@ class DecoderLM(nn.Module):
             keys = int(positions.max()) + 1
         mask = torch.arange(keys, device=tokens.device) <= positions[..., None]  # [batch, tokens, keys]
         mask = mask[:, None]
+        ops = self.decode_ops
+        if ops is not None and not (tokens.shape[1] == 1 and isinstance(slots, slice) and x.dtype == torch.float32
+                                    and cache.k.dtype == torch.float32 and x.device.type == "cpu"):
+            ops = None  # prefill, verify, gathered slots, another dtype: the PyTorch ops
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, slots, positions, mask)
+            x = layer(x, cos, sin, cache, slots, positions, mask, ops)
         if output_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), output_index][:, None]
         return self.lm_head(self.norm(x)).float()
 
     @classmethod
     def from_hf(cls, hf_model: nn.Module, dtype: torch.dtype | None = None, device=None,
-                pack_cpu_linears: bool = False) -> "DecoderLM":
+                pack_cpu_linears: bool = False, cpu_decode_ops: bool = False) -> "DecoderLM":
         """Build from a loaded transformers model (weights fused: qkv, gate/up); by default in
         the model's own dtype and device. ``pack_cpu_linears``: on a CPU, every linear also keeps a
-        oneDNN pre-packed copy of its weight (faster decode, a second copy of the weights)."""
+        oneDNN pre-packed copy of its weight (faster decode, a second copy of the weights).
+        ``cpu_decode_ops``: on a CPU in float32, one-token steps over a slice of slots run their
+        norms, RoPE + KV write + attention and SiLU-multiply as compiled ops (``cpu_kernels``;
+        PyTorch's ops where they cannot be built)."""
         args = ModelArgs.from_hf_config(hf_model.config)
         param = next(hf_model.parameters())
         with torch.device("meta"):
             model = cls(args)
         model.pack_cpu_linears = pack_cpu_linears
-        model.load_hf_state_dict(hf_model.state_dict(), dtype=dtype or param.dtype, device=device or param.device)
+        device = torch.device(device or param.device)
+        if cpu_decode_ops and device.type == "cpu" and (dtype or param.dtype) == torch.float32:
+            model.decode_ops = cpu_kernels.decode_ops()  # None (warned) where they cannot be built
+        model.load_hf_state_dict(hf_model.state_dict(), dtype=dtype or param.dtype, device=device)
         return model.eval().requires_grad_(False)
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device) -> None:

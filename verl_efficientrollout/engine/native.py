@@ -72,7 +72,8 @@ class NativeEngine:
             self.engine_config = engine_config = replace(engine_config, dtype=self.dtype_choice["dtype"])
             logger.info("native engine dtype %s (%s)", engine_config.dtype, self.dtype_choice["reason"])
         self.target = DecoderLM.from_hf(hf_model, dtype=torch_dtype(engine_config.dtype), device=engine_config.device,
-                                        pack_cpu_linears=engine_config.pack_cpu_linears)
+                                        pack_cpu_linears=engine_config.pack_cpu_linears,
+                                        cpu_decode_ops=engine_config.cpu_decode_ops)
         self.drafter: Drafter | None = self._build_drafter()
 
     @classmethod
@@ -184,13 +185,15 @@ class NativeEngine:
         cache = self._kv_cache(n, max(len(r.prompt_ids) + r.max_new_tokens for r in requests) + longest_draft + 1)
         temperature, top_k, top_p = sampling_tensors([r.sampling for r in requests], device)
         filtered = any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in requests)
+        any_greedy = any(r.sampling.temperature == 0 for r in requests)
         lengths = [len(r.prompt_ids) for r in requests]  # committed tokens in KV, per row (host)
         device_lengths = torch.tensor(lengths, device=device)
 
         prefill_start = clock(device)
         first_logits = self._prefill(requests, cache)  # [n, vocab]; row r in slot r
         result.prefill_seconds = clock(device) - prefill_start
-        last = sample(logits_to_probs(first_logits, temperature, top_k, top_p, filtered), generator)  # [n] not in KV
+        first_probs = logits_to_probs(first_logits, temperature, top_k, top_p, filtered, any_greedy)
+        last = sample(first_probs, generator)  # [n] not in KV
         generated: list[list[int]] = [[int(t)] for t in last]
         want_logprobs = any(r.logprobs for r in requests)
         logprobs: list[list[float]] = [[x] for x in token_logprobs(first_logits, temperature, last).tolist()] \
@@ -215,7 +218,7 @@ class NativeEngine:
                 decision = Decision(False, 0, decision.predicted_speedup, "no drafter")
             step_start = time.perf_counter()
             marks = _Marks(device)
-            params = (temperature[active], top_k[active], top_p[active], filtered)
+            params = (temperature[active], top_k[active], top_p[active], filtered, any_greedy)
             row_lengths = device_lengths[active]  # [batch]
             longest = max(lengths[row] for row in active_rows)
             row_drafts = [min(decision.gamma, max(0, requests[row].max_new_tokens - len(generated[row]) - 1))
@@ -474,13 +477,14 @@ def choose_dtype(hf_model, config: EfficientRolloutConfig, engine_config: Native
                 "timings": {}}
     # One measurement per process and model shape: engines of one process agree (same outputs).
     key = (ModelArgs.from_hf_config(hf_model.config), device, config.drafter.name, torch.get_num_threads(),
-           engine_config.pack_cpu_linears)
+           engine_config.pack_cpu_linears, engine_config.cpu_decode_ops)
     if key in _DTYPE_CHOICES:
         return _DTYPE_CHOICES[key]
     timings: dict[str, dict[str, float]] = {}
     for name in ("float32", "bfloat16"):
         model = DecoderLM.from_hf(hf_model, dtype=torch_dtype(name), device=device,
-                                  pack_cpu_linears=engine_config.pack_cpu_linears)
+                                  pack_cpu_linears=engine_config.pack_cpu_linears,
+                                  cpu_decode_ops=engine_config.cpu_decode_ops)
         try:
             drafter = build_drafter(model, config.drafter).module
         except Exception:  # no drafter on this candidate: time the target alone (the engine warns later)
