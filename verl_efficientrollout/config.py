@@ -111,8 +111,8 @@ class NativeEngineConfig:
     graph path's logic, runnable on a CPU). ``pack_cpu_linears``: on a CPU, every decoder linear
     and the lm_head also keep a oneDNN pre-packed copy of their weights, which decode's few-row
     GEMMs run from (faster; twice the weight memory). ``cpu_decode_ops``: on a CPU in float32,
-    one-token steps (decode, the drafter's steps) run their norms, RoPE + KV write + attention and
-    SiLU-multiply as C++ ops built with the machine's compiler at first use
+    decode steps (one token per row, the drafter's steps, a verify) run their norms, RoPE + KV
+    write + attention and SiLU-multiply as C++ ops built with the machine's compiler at first use
     (``engine/cpu_kernels.py``); where they cannot be built, PyTorch's ops serve after one warning."""
 
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -121,7 +121,7 @@ class NativeEngineConfig:
     decode_graphs: str = "auto"  # auto | on | off | padded
     # CPU: run the linears from oneDNN pre-packed weights (faster few-row GEMMs; a second weight copy)
     pack_cpu_linears: bool = True
-    # CPU, float32: one-token steps' norms, RoPE + KV write + attention, SiLU-mul as compiled ops
+    # CPU, float32: decode steps' norms, RoPE + KV write + attention, SiLU-mul as compiled ops
     cpu_decode_ops: bool = True
 
     def __post_init__(self) -> None:

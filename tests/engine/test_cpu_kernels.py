@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from verl_efficientrollout.engine.cpu_kernels import decode_ops
-from verl_efficientrollout.engine.model import DecoderLM, KVCache
+from verl_efficientrollout.engine.model import MAX_DECODE_OPS_QUERY_ROWS, DecoderLM, KVCache
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None, reason="no C++ compiler here")
 
@@ -67,14 +67,32 @@ def test_keys_past_a_rows_position_are_never_read(small_model):
 
 
 @needs_compiler
-def test_steps_of_several_tokens_and_gathered_slots_take_the_pytorch_path(small_model):
+def test_a_verify_of_several_tokens_computes_what_one_token_steps_would(small_model):
     kernel, eager = _models(small_model)
-    kernel_cache, eager_cache = _random_caches(kernel, slots=4, max_len=32, seed=4)
-    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    positions = torch.tensor([[4, 5, 6], [10, 11, 12]])
-    slots = torch.tensor([3, 1])
+    verify_cache, steps_cache = _random_caches(kernel, slots=3, max_len=40, seed=6)
+    eager_cache, _ = _random_caches(kernel, slots=3, max_len=40, seed=6)
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])  # [batch, gamma + 1]
+    positions = torch.tensor([[4], [20], [33]]) + torch.arange(4)  # rows at different lengths
     with torch.inference_mode():
-        for slot_arg in (slice(0, 2), slots):  # a verify over a slice, a prefill-like gather
+        verify = kernel(tokens, positions, verify_cache, slice(0, 3))  # [batch, 4, vocab]
+        steps = torch.cat([kernel(tokens[:, t : t + 1], positions[:, t : t + 1], steps_cache, slice(0, 3))
+                           for t in range(4)], dim=1)
+        torch.testing.assert_close(verify, eager(tokens, positions, eager_cache, slice(0, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(verify, steps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(verify_cache.k, steps_cache.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(verify_cache.v, eager_cache.v, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_prefill_large_verifies_and_gathered_slots_take_the_pytorch_path(small_model):
+    kernel, eager = _models(small_model)
+    kernel_cache, eager_cache = _random_caches(kernel, slots=6, max_len=64, seed=4)
+    long = MAX_DECODE_OPS_QUERY_ROWS + 1
+    cases = [(torch.arange(long)[None] % 32, torch.arange(long)[None], slice(0, 1)),  # a prefill-long step
+             (torch.ones(6, 3, dtype=torch.long), torch.arange(3).expand(6, 3) + 7, slice(0, 6)),  # 18 query rows
+             (torch.tensor([[1, 2], [4, 5]]), torch.tensor([[4, 5], [10, 11]]), torch.tensor([3, 1]))]  # gathered
+    with torch.inference_mode():
+        for tokens, positions, slot_arg in cases:
             assert torch.equal(kernel(tokens, positions, kernel_cache, slot_arg), eager(tokens, positions, eager_cache, slot_arg))
 
 
@@ -111,7 +129,7 @@ def test_a_failed_build_warns_once_and_the_model_runs_its_pytorch_path(tmp_path)
     script = textwrap.dedent("""
         import warnings, torch
         from transformers import LlamaConfig, LlamaForCausalLM
-        from verl_efficientrollout.engine.model import DecoderLM, KVCache
+        from verl_efficientrollout.engine.model import MAX_DECODE_OPS_QUERY_ROWS, DecoderLM, KVCache
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -1,4 +1,4 @@
-"""The native engine's compiled CPU ops for one-token steps (``csrc/decode_ops.cpp``): RoPE + KV write +
+"""The native engine's compiled CPU ops for decode steps (``csrc/decode_ops.cpp``): RoPE + KV write +
 attention (``decode_attention``), RMSNorm with and without the residual add before it
 (``rms_norm``, ``add_rms_norm``) and ``silu_mul``, all float32.
 
@@ -87,7 +87,7 @@ def decode_ops(compiler: str | None = None):
                 logger.info("native engine: CPU decode ops loaded from %s", path)
             _LOADED[compiler] = torch.ops.verl_efficientrollout
         except Exception as error:  # noqa: BLE001 - any failure: the PyTorch path serves, never a crash
-            warnings.warn(f"native engine: the CPU decode ops could not be built ({error}); one-token steps run "
+            warnings.warn(f"native engine: the CPU decode ops could not be built ({error}); decode steps run "
                           "PyTorch's ops instead (slower)", RuntimeWarning, stacklevel=2)
             _LOADED[compiler] = None
     return _LOADED[compiler]

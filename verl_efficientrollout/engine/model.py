@@ -6,8 +6,9 @@ positions and KV-cache slot, and a rejected draft is rolled back by position alo
 positions a row has not committed are never attended (causal mask on absolute positions) and get
 overwritten by the next write. The engine keeps its active rows in the first slots of the cache
 (``slots=slice(0, batch)``), so attention reads each layer's KV as a view; a tensor of slots
-(prefill, any other caller) gathers them instead. On a CPU in float32 a one-token step over such a
-slice runs four compiled ops per layer besides the GEMMs (``cpu_kernels``: norms, RoPE + KV write +
+(prefill, any other caller) gathers them instead. On a CPU in float32 a decode step over such a
+slice (one token per row, or a verify of at most ``MAX_DECODE_OPS_QUERY_ROWS`` query rows in all)
+runs four compiled ops per layer besides the GEMMs (``cpu_kernels``: norms, RoPE + KV write +
 attention, SiLU-multiply); every other forward, and a machine where they cannot be built, runs the
 PyTorch ops of ``Block.forward``.
 
@@ -25,6 +26,12 @@ from torch import nn
 from verl_efficientrollout.engine import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' config.model_type
+# A CPU float32 step over contiguous slots runs the compiled decode ops when it has one token per row
+# (plain decoding, the drafter's steps), or at most this many query rows in all (batch x tokens: a
+# verify of gamma + 1 at a small batch). Larger verifies and prefill are compute-bound, where the ops'
+# plain C++ attention loses to SDPA's GEMMs (AVX2 EPYC, verify at 1 / 4 / 16 rows: faster up to 12
+# query rows, even at 20, slower from 28).
+MAX_DECODE_OPS_QUERY_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -172,12 +179,12 @@ class Block(nn.Module):
         slots: torch.Tensor | slice,  # [batch] int64, or slice(first, first + batch): contiguous slots
         positions: torch.Tensor,  # [batch, tokens] int64
         mask: torch.Tensor,  # [batch, 1, tokens, keys] bool
-        decode_ops=None,  # cpu_kernels.decode_ops(), for a one-token float32 step over a slice of slots
+        decode_ops=None,  # cpu_kernels.decode_ops(), for a float32 decode step over a slice of slots
     ) -> torch.Tensor:
         a = self.args
         batch, tokens, _ = x.shape
         if decode_ops is not None:  # the same computation as below, in four compiled ops and the GEMMs
-            out = decode_ops.decode_attention(  # RoPE, the KV write and attention: [batch, 1, heads * dim]
+            out = decode_ops.decode_attention(  # RoPE, the KV write and attention: [batch, tokens, heads * dim]
                 self.wqkv(decode_ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)), cos, sin,
                 cache.k[self.layer, slots], cache.v[self.layer, slots], positions, a.num_heads, a.num_kv_heads,
                 a.head_dim**-0.5)
@@ -217,7 +224,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.pack_cpu_linears = False  # set by from_hf: (re)pack every Linear whenever weights load
-        self.decode_ops = None  # set by from_hf: cpu_kernels.decode_ops(), for one-token steps
+        self.decode_ops = None  # set by from_hf: cpu_kernels.decode_ops(), for decode steps
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", _inv_freq(args), persistent=False)
@@ -248,9 +255,10 @@ class DecoderLM(nn.Module):
         mask = torch.arange(keys, device=tokens.device) <= positions[..., None]  # [batch, tokens, keys]
         mask = mask[:, None]
         ops = self.decode_ops
-        if ops is not None and not (tokens.shape[1] == 1 and isinstance(slots, slice) and x.dtype == torch.float32
-                                    and cache.k.dtype == torch.float32 and x.device.type == "cpu"):
-            ops = None  # prefill, verify, gathered slots, another dtype: the PyTorch ops
+        small = tokens.shape[1] == 1 or tokens.numel() <= MAX_DECODE_OPS_QUERY_ROWS
+        if ops is not None and not (small and isinstance(slots, slice) and x.dtype == cache.k.dtype == torch.float32
+                                    and x.device.type == "cpu"):
+            ops = None  # prefill, a large verify, gathered slots, another dtype or device: the PyTorch ops
         for layer in self.layers:
             x = layer(x, cos, sin, cache, slots, positions, mask, ops)
         if output_index is not None:
@@ -263,7 +271,7 @@ class DecoderLM(nn.Module):
         """Build from a loaded transformers model (weights fused: qkv, gate/up); by default in
         the model's own dtype and device. ``pack_cpu_linears``: on a CPU, every linear also keeps a
         oneDNN pre-packed copy of its weight (faster decode, a second copy of the weights).
-        ``cpu_decode_ops``: on a CPU in float32, one-token steps over a slice of slots run their
+        ``cpu_decode_ops``: on a CPU in float32, decode steps over a slice of slots run their
         norms, RoPE + KV write + attention and SiLU-multiply as compiled ops (``cpu_kernels``;
         PyTorch's ops where they cannot be built)."""
         args = ModelArgs.from_hf_config(hf_model.config)

@@ -1,5 +1,6 @@
-// The native engine's one-token decode step on a CPU, float32, as three ops: RMSNorm (with the residual
-// add before it), RoPE + KV write + attention, and SiLU(gate) * up. The same computation as the model's
+// The native engine's decode steps on a CPU (one token per row, or a verify's few), float32, as four
+// ops: RMSNorm (with the residual add before it), RoPE + KV write + attention, and SiLU(gate) * up.
+// The same computation as the model's
 // eager path (model.Block) without its ~30 small PyTorch ops per layer, and attention that reads each
 // row's KV once for all query heads of a KV head (grouped-query attention). Built at first use by
 // verl_efficientrollout.engine.cpu_kernels; registered as torch.ops.verl_efficientrollout.*.
@@ -31,13 +32,13 @@ float dot(const float* a, const float* b, int64_t dim) {
 }
 
 at::Tensor decode_attention(
-    const at::Tensor& qkv_in,     // [batch, 1, (heads + 2 * kv_heads) * dim]: the fused q, k, v projection
-    const at::Tensor& cos_in,     // [batch, 1, 1, dim]
-    const at::Tensor& sin_in,     // [batch, 1, 1, dim]
+    const at::Tensor& qkv_in,     // [batch, tokens, (heads + 2 * kv_heads) * dim]: the fused q, k, v projection
+    const at::Tensor& cos_in,     // [batch, 1, tokens, dim]
+    const at::Tensor& sin_in,     // [batch, 1, tokens, dim]
     at::Tensor& k_cache,          // [batch, kv_heads, max_len, dim], contiguous: this layer's K of the batch's slots
     at::Tensor& v_cache,          // [batch, kv_heads, max_len, dim], contiguous
-    const at::Tensor& positions_in,  // [batch, 1] int64: each row's new position
-    int64_t heads, int64_t kv_heads, double scale) {  // -> [batch, 1, heads * dim]
+    const at::Tensor& positions_in,  // [batch, tokens] int64: the new tokens' positions
+    int64_t heads, int64_t kv_heads, double scale) {  // -> [batch, tokens, heads * dim]
   TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "decode_attention: heads must be a multiple of kv_heads");
   const at::Tensor qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
@@ -46,51 +47,68 @@ at::Tensor decode_attention(
   }
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: k_cache and v_cache must be contiguous");
   TORCH_CHECK(positions.scalar_type() == at::kLong, "decode_attention: positions must be int64");
-  const int64_t batch = qkv.size(0), dim = k_cache.size(3), max_len = k_cache.size(2), group = heads / kv_heads;
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (heads + 2 * kv_heads) * dim,
-              "decode_attention: qkv must be [batch, 1, (heads + 2 * kv_heads) * dim]");
+  TORCH_CHECK(qkv.dim() == 3, "decode_attention: qkv must be [batch, tokens, (heads + 2 * kv_heads) * dim]");
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), dim = k_cache.size(3), max_len = k_cache.size(2);
+  const int64_t group = heads / kv_heads, queries = group * tokens;  // queries per (row, kv head)
+  TORCH_CHECK(qkv.size(2) == (heads + 2 * kv_heads) * dim, "decode_attention: qkv must be [batch, tokens, (heads + 2 * kv_heads) * dim]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == batch && k_cache.size(1) == kv_heads && v_cache.sizes() == k_cache.sizes(),
               "decode_attention: k_cache and v_cache must be [batch, kv_heads, max_len, dim]");
-  TORCH_CHECK(cos.numel() == batch * dim && sin.numel() == batch * dim && positions.numel() == batch,
-              "decode_attention: cos, sin and positions must have one row per batch row");
+  TORCH_CHECK(cos.numel() == batch * tokens * dim && sin.numel() == batch * tokens * dim && positions.numel() == batch * tokens,
+              "decode_attention: cos, sin and positions must have one entry per row and token");
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < max_len, "decode_attention: position ", pos[b], " outside the KV cache (max_len ", max_len, ")");
+  for (int64_t i = 0; i < batch * tokens; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < max_len, "decode_attention: position ", pos[i], " outside the KV cache (max_len ", max_len, ")");
 
-  auto out = at::empty({batch, 1, heads * dim}, qkv.options());
+  auto out = at::empty({batch, tokens, heads * dim}, qkv.options());
   const float *x = qkv.data_ptr<float>(), *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>(), *o = out.data_ptr<float>();
   const int64_t row_width = (heads + 2 * kv_heads) * dim;
   const float fscale = static_cast<float>(scale);
 
+  // One task per (row, kv head): its tokens' new keys and values first, then its queries (the
+  // group's heads x the tokens), each over keys 0..its own position. A query's arithmetic does not
+  // depend on how many tokens the step has: a verify computes what one-token steps would.
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * dim), scores;
+    std::vector<float> q(queries * dim), scores;
+    std::vector<int64_t> keys(queries);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, keys = pos[b] + 1;
-      const float *xb = x + b * row_width, *cb = c + b * dim, *sb = s + b * dim;
+      const int64_t b = task / kv_heads, h = task % kv_heads;
       float* kb = kc + (b * kv_heads + h) * max_len * dim;
       float* vb = vc + (b * kv_heads + h) * max_len * dim;
-      rope(xb + (heads + h) * dim, cb, sb, dim, kb + pos[b] * dim);  // the new key, written in place
-      std::copy_n(xb + (heads + kv_heads + h) * dim, dim, vb + pos[b] * dim);
-      for (int64_t g = 0; g < group; ++g) rope(xb + (h * group + g) * dim, cb, sb, dim, q.data() + g * dim);
-      scores.resize(group * keys);
-      for (int64_t j = 0; j < keys; ++j)  // each key read once for the group's query heads
-        for (int64_t g = 0; g < group; ++g) scores[g * keys + j] = dot(q.data() + g * dim, kb + j * dim, dim) * fscale;
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * keys;
-        const float top = *std::max_element(sg, sg + keys);
-        float total = 0.f;
-        for (int64_t j = 0; j < keys; ++j) total += (sg[j] = std::exp(sg[j] - top));
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < keys; ++j) sg[j] *= inv;
-        std::fill_n(o + (b * heads + h * group + g) * dim, dim, 0.f);
-      }
-      for (int64_t j = 0; j < keys; ++j) {  // each value read once for the group's query heads
-        const float* vj = vb + j * dim;
+      int64_t span = 0;  // keys any query of this task reads
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t bt = b * tokens + t, p = pos[bt];
+        const float *xt = x + bt * row_width, *ct = c + bt * dim, *st = s + bt * dim;
+        rope(xt + (heads + h) * dim, ct, st, dim, kb + p * dim);  // the new key, written in place
+        std::copy_n(xt + (heads + kv_heads + h) * dim, dim, vb + p * dim);
         for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * keys + j];
-          float* og = o + (b * heads + h * group + g) * dim;
-          for (int64_t d = 0; d < dim; ++d) og[d] += weight * vj[d];
+          rope(xt + (h * group + g) * dim, ct, st, dim, q.data() + (t * group + g) * dim);
+          keys[t * group + g] = p + 1;
+        }
+        span = std::max(span, p + 1);
+      }
+      scores.resize(queries * span);
+      for (int64_t j = 0; j < span; ++j)  // each key read once for all queries that attend it
+        for (int64_t qi = 0; qi < queries; ++qi)
+          if (j < keys[qi]) scores[qi * span + j] = dot(q.data() + qi * dim, kb + j * dim, dim) * fscale;
+      for (int64_t qi = 0; qi < queries; ++qi) {
+        float* sq = scores.data() + qi * span;
+        const int64_t n = keys[qi];
+        const float top = *std::max_element(sq, sq + n);
+        float total = 0.f;
+        for (int64_t j = 0; j < n; ++j) total += (sq[j] = std::exp(sq[j] - top));
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < n; ++j) sq[j] *= inv;
+        const int64_t t = qi / group, g = qi % group;
+        std::fill_n(o + ((b * tokens + t) * heads + h * group + g) * dim, dim, 0.f);
+      }
+      for (int64_t j = 0; j < span; ++j) {  // each value read once for all queries that attend it
+        const float* vj = vb + j * dim;
+        for (int64_t qi = 0; qi < queries; ++qi) {
+          if (j >= keys[qi]) continue;
+          const float weight = scores[qi * span + j];
+          float* oq = o + ((b * tokens + qi / group) * heads + h * group + qi % group) * dim;
+          for (int64_t d = 0; d < dim; ++d) oq[d] += weight * vj[d];
         }
       }
     }
