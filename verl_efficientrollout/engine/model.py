@@ -29,8 +29,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # transformers' config.mo
 # A CPU float32 step over contiguous slots runs the compiled decode ops when it has one token per row
 # (plain decoding, the drafter's steps), or at most this many query rows in all (batch x tokens: a
 # verify of gamma + 1 at a small batch). Larger verifies and prefill are compute-bound, where the ops'
-# plain C++ attention loses to SDPA's GEMMs (AVX2 EPYC, verify at 1 / 4 / 16 rows: faster up to 12
-# query rows, even at 20, slower from 28).
+# plain C++ attention loses to SDPA's GEMMs (verifies measured on the AVX2-only EPYC: faster up to 12
+# query rows, equal at 20, slower from 28).
 MAX_DECODE_OPS_QUERY_ROWS = 16
 
 
