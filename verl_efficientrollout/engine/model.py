@@ -178,7 +178,7 @@ class Block(nn.Module):
         cache: KVCache,
         slots: torch.Tensor | slice,  # [batch] int64, or slice(first, first + batch): contiguous slots
         positions: torch.Tensor,  # [batch, tokens] int64
-        mask: torch.Tensor,  # [batch, 1, tokens, keys] bool
+        mask: torch.Tensor | None,  # [batch, 1, tokens, keys] bool (None with decode_ops)
         decode_ops=None,  # cpu_kernels.decode_ops(), for a float32 decode step over a slice of slots
     ) -> torch.Tensor:
         a = self.args
@@ -250,15 +250,16 @@ class DecoderLM(nn.Module):
         angles = positions[..., None].float() * self.inv_freq  # [batch, tokens, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        if keys is None:
-            keys = int(positions.max()) + 1
-        mask = torch.arange(keys, device=tokens.device) <= positions[..., None]  # [batch, tokens, keys]
-        mask = mask[:, None]
         ops = self.decode_ops
         small = tokens.shape[1] == 1 or tokens.numel() <= MAX_DECODE_OPS_QUERY_ROWS
         if ops is not None and not (small and isinstance(slots, slice) and x.dtype == cache.k.dtype == torch.float32
                                     and x.device.type == "cpu"):
             ops = None  # prefill, a large verify, gathered slots, another dtype or device: the PyTorch ops
+        mask = None  # the ops bound each query's keys by its position themselves
+        if ops is None:
+            if keys is None:
+                keys = int(positions.max()) + 1
+            mask = (torch.arange(keys, device=tokens.device) <= positions[..., None])[:, None]  # [batch, 1, tokens, keys]
         for layer in self.layers:
             x = layer(x, cos, sin, cache, slots, positions, mask, ops)
         if output_index is not None:
