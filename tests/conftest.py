@@ -140,7 +140,7 @@ def default_model():
 
 
 # scripts/test.sh names the tier it runs; a tier must have its stack, never skip it silently.
-TIER_REQUIRES = {"core": ("verl",), "vllm": ("vllm",), "sglang": ("sglang",)}
+TIER_REQUIRES = {"core": ("verl",), "vllm": ("vllm", "verl"), "sglang": ("sglang",)}
 
 
 def pytest_configure(config):

@@ -38,3 +38,17 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def agent_loop_batch(questions: list[str], samples: int):
+    """verl's ``DataProto`` of single-turn chat prompts, each question ``samples`` times, as verl's
+    ``AgentLoopManager.generate_sequences`` takes it (imports verl)."""
+    import numpy as np
+    from verl import DataProto
+
+    prompts = [[{"role": "user", "content": q}] for q in questions for _ in range(samples)]
+    return DataProto.from_dict(non_tensors={
+        "raw_prompt": np.array(prompts, dtype=object),
+        "data_source": np.array(["math"] * len(prompts), dtype=object),
+        "agent_name": np.array(["single_turn_agent"] * len(prompts), dtype=object),
+    })

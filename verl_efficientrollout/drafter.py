@@ -182,8 +182,8 @@ def activation_dtype(config: DrafterConfig, backend: str, target_dtype: torch.dt
 def linear_in_dtype(x: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
     """``F.linear`` computed in ``dtype`` (``activation_dtype``'s choice; None: as ``x`` comes),
     returned in ``x``'s dtype. x: [..., in] -> [..., out]."""
-    if dtype is None or x.dtype == dtype:
-        return torch.nn.functional.linear(x, weight, bias)
+    if dtype is None or x.dtype == dtype:  # a bias a CPU kernel kept in float32 follows x
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
     out = torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
     return out.to(x.dtype)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 
-import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -77,17 +76,6 @@ def restores_default_weights(weight_sender, original_weights):
     asyncio.run(weight_sender.update_weights(iter(original_weights.items()), global_steps=0))
 
 
-def _batch(questions: list[str], samples: int):
-    from verl import DataProto
-
-    prompts = [[{"role": "user", "content": q}] for q in questions for _ in range(samples)]
-    return DataProto.from_dict(non_tensors={
-        "raw_prompt": np.array(prompts, dtype=object),
-        "data_source": np.array(["math"] * len(prompts), dtype=object),
-        "agent_name": np.array(["single_turn_agent"] * len(prompts), dtype=object),
-    })
-
-
 def _spec_metrics(output) -> dict:
     from verl.trainer.ppo.ray_trainer import compute_spec_decode_metrics
 
@@ -102,13 +90,13 @@ def test_verl_agent_loop_and_weight_sync_run_on_the_efficient_server(servers, ag
     import ray
 
     from verl_efficientrollout.bench import policy_update
-    from verl_efficientrollout.data import math_problems
+    from verl_efficientrollout.data import agent_loop_batch, math_problems
     from verl_efficientrollout.engine.native import NativeEngine
     from verl_efficientrollout.verl_adapter.config import efficient_config
     from verl_efficientrollout.verl_adapter.rollout import EfficientReplica
 
     assert isinstance(servers.get_replicas()[0], EfficientReplica)
-    batch = _batch([p.question for p in math_problems()[:4]], samples=2)
+    batch = agent_loop_batch([p.question for p in math_problems()[:4]], samples=2)
 
     output = agents.generate_sequences(batch)  # verl's agent loop -> router -> our server
     assert output.batch["responses"].shape == (8, 48)

@@ -88,7 +88,7 @@ def efficient_config(rollout_config) -> EfficientRolloutConfig:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{FIELD}: {exc}") from exc
     tp = rollout_config.tensor_model_parallel_size
-    if tp != 1:
+    if tp != 1 and config.engine != "vllm":  # verl's own vLLM server runs TP
         logger.warning("engine %s serves each replica on one device; the other %d device(s) of each replica "
                        "(actor_rollout_ref.rollout.tensor_model_parallel_size=%d) stay idle: set it to 1",
                        config.engine, tp - 1, tp)

@@ -1,4 +1,7 @@
-"""The two classes veRL looks up by ``rollout.name=efficient``.
+"""The two classes veRL looks up by ``rollout.name=efficient``; they dispatch on
+``custom.efficient.engine``: ``vllm`` is verl's own vLLM rollout with our parts
+(``vllm_rollout``: an instance of its subclass is returned), ``native`` and ``sglang`` are served
+by ``EfficientServer``:
 
 * ``EfficientServerAdapter`` (worker side, ``BaseRollout``): lives in the trainer worker; after
   each training step it streams the new weights to its replica's server in buckets, then commits
@@ -35,8 +38,21 @@ def _model_path(model_config) -> str:
     return getattr(model_config, "local_path", None) or model_config.path
 
 
+def _engine(rollout_config) -> str:
+    from verl_efficientrollout.verl_adapter.config import efficient_config
+
+    return efficient_config(rollout_config).engine
+
+
 class EfficientServerAdapter(BaseRollout):
     """Worker-side client of the replica's server: weights in, sleep/wake through."""
+
+    def __new__(cls, config, model_config=None, device_mesh=None, *args, **kwargs):
+        if _engine(config) == "vllm":  # verl's ServerAdapter with ours: an instance of that class
+            from verl_efficientrollout.verl_adapter.vllm_rollout import EfficientVLLMServerAdapter
+
+            return EfficientVLLMServerAdapter(config, model_config, device_mesh, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, config, model_config, device_mesh, replica_rank: int = -1, **kwargs) -> None:
         super().__init__(config, model_config, device_mesh)
@@ -103,7 +119,15 @@ class EfficientServerAdapter(BaseRollout):
 
 
 class EfficientReplica(RolloutReplica):
-    """One ``EfficientServer`` actor per replica."""
+    """One ``EfficientServer`` actor per replica (``engine: vllm``: verl's vLLM replica, ``vllm_rollout``)."""
+
+    def __new__(cls, *args, **kwargs):
+        config = kwargs["config"] if "config" in kwargs else args[1]
+        if _engine(config) == "vllm":
+            from verl_efficientrollout.verl_adapter.vllm_rollout import EfficientVLLMReplica
+
+            return EfficientVLLMReplica(*args, **kwargs)
+        return super().__new__(cls)
 
     def rollout_worker_use_gpu(self) -> bool:
         return torch.cuda.is_available()

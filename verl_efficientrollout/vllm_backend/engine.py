@@ -52,18 +52,29 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
     gammas and logs step times instead of running the controller (``vllm_backend.calibrate``).
     ``proposer``: the drafter route decided for this engine (default ``config.vllm.proposer``)."""
     controller, v = config.controller, config.vllm
-    if controller.toggle not in SUPPORTED_TOGGLES:
-        raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm, "
-                         f"got {controller.toggle!r}")
     args: dict[str, Any] = dict(
         model=model, dtype=v.dtype, max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
         enforce_eager=v.enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION,
         **platform_engine_args(v.max_model_len, v.gpu_memory_utilization),
     )
+    args.update(speculation_args(model, config, proposer or v.proposer, calibration))
+    return {**args, **v.llm_args}
+
+
+def speculation_args(model: str, config: EfficientRolloutConfig, proposer: str = "self",
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The vLLM engine arguments that add our parts to a plain engine (pure): ``speculative_config``
+    (the drafter route, the draft length), ``worker_cls`` (the self-drafter's runner),
+    ``scheduler_cls`` (our controller deciding K every step) and ``additional_config["efficient"]``
+    (what those read), plus per-request spec-decode metrics. Empty for toggle ``off``. Shared by
+    ``VLLMEngine`` and verl's own vLLM server (``verl_adapter.vllm_rollout``)."""
+    controller, v = config.controller, config.vllm
+    if controller.toggle not in SUPPORTED_TOGGLES:
+        raise ValueError(f"controller.toggle must be one of {', '.join(SUPPORTED_TOGGLES)} for engine vllm, "
+                         f"got {controller.toggle!r}")
     if controller.toggle == "off":
-        return {**args, **v.llm_args}
-    proposer = proposer or v.proposer
-    args["per_request_spec_decode_metrics"] = "detailed"  # per-step draft/accept counts per request (>= 0.32)
+        return {}
+    args: dict[str, Any] = {"per_request_spec_decode_metrics": "detailed"}  # per-step counts per request (>= 0.32)
     by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
         "method": "draft_model", "model": model,
@@ -95,7 +106,7 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
     args["speculative_config"] = speculative
     if extra:
         args["additional_config"] = {"efficient": extra}
-    return {**args, **v.llm_args}
+    return args
 
 
 def choose_proposer(model: str, config: EfficientRolloutConfig) -> str:

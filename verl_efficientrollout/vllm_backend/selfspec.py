@@ -28,6 +28,7 @@ the committed length (tests assert zero under preemption, prefix caching and chu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -69,18 +70,19 @@ def _is_checkpoint_linear(name: str) -> bool:
     return bool(_LAYER.search(name)) and name.rsplit(".", 2)[-2] in _LINEAR_LEAVES
 
 
-def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], config: DrafterConfig,
-                       device: torch.device, quantize: bool = True) -> tuple[nn.Module, dict]:
-    """The drafter of ``target`` from the checkpoint-format ``weights`` (HF names): a view sharing
-    every module but the decoder linears, which are loaded through the model's own ``load_weights``
-    (vLLM's sharding and q/k/v, gate/up fusing) one layer at a time and quantized. ``target`` is
-    not touched. Raises ``RuntimeError`` naming what failed."""
-    start = time.perf_counter()
-    backend = "cpu" if torch.device(device).type == "cpu" else "cuda"
+def decoder_linears(target: nn.Module) -> dict[str, nn.Module]:
+    """The target's decoder linears (vLLM ``LinearBase`` under ``.layers.``), by module name: the
+    modules the drafter holds quantized copies of (fused q/k/v and gate/up, sharded as the target's)."""
     selected = {name: module for name, module in target.named_modules()
                 if isinstance(module, LinearBase) and _LAYER.search(name + ".")}
     if not selected:
         raise RuntimeError(f"{type(target).__name__} has no decoder linear under .layers.: nothing to quantize")
+    return selected
+
+
+def _view(target: nn.Module, selected: dict[str, nn.Module]) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A shallow copy of ``target`` whose decoder linears are fresh modules without parameters
+    (returned by name); every other module is the target's own object."""
     fresh: dict[str, nn.Module] = {}
 
     def clone(module: nn.Module, prefix: str) -> nn.Module:
@@ -99,7 +101,58 @@ def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Ten
             copied.do_not_compile = True  # the drafter runs eager; vLLM's compiled target is untouched
         return copied
 
-    drafter = clone(target, "")
+    return clone(target, ""), fresh
+
+
+class LinearQuantizer:
+    """One drafter recipe on one device: a decoder linear's weight -> its drafter weight."""
+
+    def __init__(self, config: DrafterConfig, device: torch.device, params_dtype: torch.dtype,
+                 quantize: bool = True) -> None:
+        self.config, self.quantize = config, quantize
+        self.backend = "cpu" if torch.device(device).type == "cpu" else "cuda"
+        self.ao_config = torchao_config(config, self.backend) if quantize else None
+        self.compute_dtype = activation_dtype(config, self.backend, params_dtype) if quantize else None
+        self._quantize_ = _torchao_quantize() if quantize else None
+        self.seconds = 0.0  # spent quantizing, over every call
+
+    def __call__(self, name: str, weight: torch.Tensor) -> nn.Parameter:  # weight [out_per_rank, in_per_rank]
+        start = time.perf_counter()
+        try:
+            return self._quantized(name, weight)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _quantized(self, name: str, weight: torch.Tensor) -> nn.Parameter:
+        if not self.quantize:
+            return nn.Parameter(weight.detach().clone(), requires_grad=False)
+        holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        holder.weight = nn.Parameter(weight.detach().to(self.compute_dtype or weight.dtype), requires_grad=False)
+        self._quantize_(holder, self.ao_config)
+        if type(holder.weight.data) is torch.Tensor:
+            raise RuntimeError(f"torchao left {name} unquantized ({self.config.name})")
+        return holder.weight
+
+    def method(self) -> "_TorchaoLinear":
+        return _TorchaoLinear(self.compute_dtype)
+
+
+def _report(quantizer: LinearQuantizer, fresh: dict[str, nn.Module], target_bytes: int, start: float) -> dict:
+    owned = [p for linear in fresh.values() for p in linear.parameters(recurse=False)]
+    return {"recipe": quantizer.config.name if quantizer.quantize else "unquantized", "backend": quantizer.backend,
+            "quantized_layers": len(fresh) if quantizer.quantize else 0, "target_bytes": target_bytes,
+            "drafter_bytes": sum(tensor_bytes(p) for p in owned), "build_seconds": time.perf_counter() - start}
+
+
+def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], config: DrafterConfig,
+                       device: torch.device, quantize: bool = True) -> tuple[nn.Module, dict]:
+    """The drafter of ``target`` from the checkpoint-format ``weights`` (HF names): a view sharing
+    every module but the decoder linears, which are loaded through the model's own ``load_weights``
+    (vLLM's sharding and q/k/v, gate/up fusing) one layer at a time and quantized. ``target`` is
+    not touched. Raises ``RuntimeError`` naming what failed."""
+    start = time.perf_counter()
+    selected = decoder_linears(target)
+    drafter, fresh = _view(target, selected)
     by_layer: dict[int, list[tuple[str, torch.Tensor]]] = {}
     dtype = next(iter(selected.values())).params_dtype
     target_bytes, element = 0, torch.tensor([], dtype=dtype).element_size()
@@ -111,9 +164,7 @@ def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Ten
     if set(by_layer) != layers:
         raise RuntimeError(f"the weights hold decoder linears of layers {sorted(by_layer)[:4]}..., the model has "
                            f"{len(layers)} layers: not this model's checkpoint")
-    ao_config = torchao_config(config, backend) if quantize else None
-    compute_dtype = activation_dtype(config, backend, dtype) if quantize else None
-    quantize_ = _torchao_quantize() if quantize else None
+    quantizer = LinearQuantizer(config, device, dtype, quantize)
     for layer in sorted(layers):
         mine = {n: m for n, m in fresh.items() if int(_LAYER.search(n + ".").group(1)) == layer}
         with torch.device(device):
@@ -121,21 +172,77 @@ def build_drafter_view(target: nn.Module, weights: Iterable[tuple[str, torch.Ten
                 _create_weights(linear)
         drafter.load_weights(iter(by_layer.pop(layer)))
         for name, linear in mine.items():
-            weight = linear.weight.data
-            if quantize:
-                holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-                holder.weight = nn.Parameter(weight.to(compute_dtype or weight.dtype), requires_grad=False)
-                quantize_(holder, ao_config)
-                if type(holder.weight.data) is torch.Tensor:
-                    raise RuntimeError(f"torchao left {name} unquantized ({config.name})")
-                linear._parameters["weight"] = holder.weight
-            linear.quant_method = _TorchaoLinear(compute_dtype)
-    owned = [p for linear in fresh.values() for p in linear.parameters(recurse=False)]
-    report = {"recipe": config.name if quantize else "unquantized", "backend": backend,
-              "quantized_layers": len(fresh) if quantize else 0, "target_bytes": target_bytes,
-              "drafter_bytes": sum(tensor_bytes(p) for p in owned), "build_seconds": time.perf_counter() - start}
+            linear._parameters["weight"] = quantizer(name, linear.weight.data)
+            linear.quant_method = quantizer.method()
     check_shared(target, drafter, set(fresh))
-    return drafter, report
+    return drafter, _report(quantizer, fresh, target_bytes, start)
+
+
+class TargetCapture:
+    """The drafter rebuilt from the target's own loaded parameters during a weight update (verl's
+    ``update_weights_from_ipc``): while active, each target decoder linear's
+    ``quant_method.process_weights_after_loading`` first hands the layer's freshly loaded weight
+    (fused and TP-sharded as the target holds it, before a kernel repacks it) to the drafter's
+    quantizer. No checkpoint names, no full-precision copy kept, no file."""
+
+    def __init__(self, target: nn.Module, quantizer_factory) -> None:
+        self.target = target
+        self.selected = decoder_linears(target)
+        self._names = {id(m): n for n, m in self.selected.items()}
+        self._quantizer_factory = quantizer_factory
+        self.quantizer: LinearQuantizer | None = None
+        self.captured: dict[str, nn.Parameter] = {}
+        self.errors: list[str] = []
+        self._patched: list = []
+
+    def __enter__(self) -> "TargetCapture":
+        self.quantizer = self._quantizer_factory(next(iter(self.selected.values())).params_dtype)
+        for linear in self.selected.values():
+            method = linear.quant_method
+            if any(m is method for m in self._patched):
+                continue
+            original = method.process_weights_after_loading
+
+            def process(layer, _original=original):
+                self._capture(layer)
+                return _original(layer)
+
+            method.process_weights_after_loading = process  # instance attribute: removed on exit
+            self._patched.append(method)
+        return self
+
+    def _capture(self, layer: nn.Module) -> None:
+        name = self._names.get(id(layer))
+        weight = getattr(layer, "weight", None)
+        if name is None or weight is None or weight.dim() != 2 or weight.device.type == "meta":
+            return  # not a decoder linear, or already repacked by an earlier pass (nothing new loaded)
+        try:
+            self.captured[name] = self.quantizer(name, weight.data)
+        except Exception as exc:  # the target's own processing goes on; the drafter is off
+            self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    def __exit__(self, *exc) -> None:
+        for method in self._patched:
+            method.__dict__.pop("process_weights_after_loading", None)
+        self._patched.clear()
+
+    def drafter(self, target_bytes: int | None) -> tuple[nn.Module, dict]:
+        """The new drafter, when every decoder linear was captured; else ``RuntimeError`` naming what is missing."""
+        if self.errors:
+            raise RuntimeError(f"quantizing the drafter failed: {self.errors[0]}")
+        missing = sorted(set(self.selected) - set(self.captured))
+        if missing:
+            raise RuntimeError(f"the update did not reload {len(missing)} of {len(self.selected)} decoder linears "
+                               f"(first: {missing[0]}): a partial update")
+        start = time.perf_counter()
+        drafter, fresh = _view(self.target, self.selected)
+        for name, linear in fresh.items():
+            linear._parameters["weight"] = self.captured[name]
+            linear._parameters["bias"] = self.selected[name]._parameters.get("bias")  # the target's, reloaded in place
+            linear.quant_method = self.quantizer.method()
+        check_shared(self.target, drafter, set(fresh))
+        # build time: the quantizing (done layer by layer while the target loaded) plus this assembly
+        return drafter, _report(self.quantizer, fresh, target_bytes, start - self.quantizer.seconds)
 
 
 def _create_weights(linear: nn.Module) -> None:
@@ -205,6 +312,10 @@ class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
         self.target = target_model
         self._draft_attn_layer_names = set(compat.attention_layer_names(self.vllm_config))
         self.model = None
+        if compat.is_dummy_load(self.vllm_config):  # verl syncs the real weights before the first rollout
+            self.disabled = "no drafter before the first weight sync (load_format dummy)"
+            logger.info("self-drafter: %s", self.disabled)
+            return
         try:
             self.model, self.report = build_drafter_view(
                 target_model, compat.checkpoint_weights(self.vllm_config, target_model), self.drafter_config,
@@ -226,6 +337,44 @@ class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
             return {"error": self.disabled}
         self.disabled, self.weights_version = None, weights_version
         return {"error": None, **self.report}
+
+    @contextlib.contextmanager
+    def rebuilding_from_target(self):
+        """Around a weight update that loads the target through its own ``load_weights`` and
+        ``process_weights_after_loading`` (verl's ``update_weights_from_ipc``): the drafter is
+        rebuilt from the target's loaded linears (``TargetCapture``), inside vLLM's sleep-mode
+        weights pool. The old drafter goes first; all or nothing: a capture that misses a linear
+        or fails to quantize leaves this engine decoding plain (no drafts) until the next update,
+        with one warning; the new target serves either way. Yields the report dict, filled on
+        exit (``error``, the build report)."""
+        self.model = None
+        result: dict = {"error": None}
+        previous = (self.report or {}).get("target_bytes")
+        with compat.weights_memory_pool(self.vllm_config):
+            try:
+                capture = TargetCapture(self.target, lambda dtype: LinearQuantizer(
+                    self.drafter_config, self.device, dtype, self.quantize))
+            except Exception as exc:
+                capture, result["error"] = None, f"{type(exc).__name__}: {exc}"
+            try:
+                with capture if capture is not None else contextlib.nullcontext():
+                    yield result
+            except BaseException as exc:
+                self.disabled = f"the weight update failed ({type(exc).__name__}: {exc}); no drafter until the next one"
+                raise
+            if capture is not None:
+                try:
+                    self.model, self.report = capture.drafter(previous)
+                except Exception as exc:
+                    result["error"] = f"{type(exc).__name__}: {exc}"
+        if result["error"]:
+            self.model = None
+            self.disabled = f"the drafter rebuild failed with {result['error']}"
+            logger.warning("self-drafter: decoding without speculation until the next weight update: %s", self.disabled)
+        else:
+            self.disabled = None
+            self.weights_version += 1
+            result.update(self.report)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         """Attention metadata builders of our own over the target's layers (one KV cache group)."""
