@@ -221,13 +221,15 @@ def _decisions(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _wait_for(predicate, what: str, limit_s: float = 300.0):
-    """Poll until ``predicate()`` holds (observed progress); the limit only bounds a hung server."""
+def _wait_for(predicate, what: str, pace, limit_s: float = 600.0):
+    """Check ``predicate()`` after each ``pace()`` (a round trip to the server, which answers
+    between engine steps) until it holds: triggered by observed progress; the limit only bounds
+    a hung server."""
     deadline = time.monotonic() + limit_s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"no progress: {what}")
-        time.sleep(0.05)
+        pace()
 
 
 def test_staggered_arrivals_switch_speculation_on_the_running_set_of_each_step(server, math_prompts, decision_log):
@@ -238,7 +240,8 @@ def test_staggered_arrivals_switch_speculation_on_the_running_set_of_each_step(s
     long = server.generate.remote(prompt_ids=list(math_prompts[0]), sampling_params={**params, "max_tokens": 160},
                                   request_id="stagger-long")
     _wait_for(lambda: any(d["batch"] == 1 and d["gamma"] > 0 for d in _decisions(decision_log)[start:]),
-              "the lone request speculates")
+              "the lone request speculates",
+              pace=lambda: ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S))
     joined = len(_decisions(decision_log))
     short = [server.generate.remote(prompt_ids=list(p), sampling_params={**params, "max_tokens": 24},
                                     request_id=f"stagger-{i}") for i, p in enumerate(math_prompts[1:6])]
@@ -264,7 +267,7 @@ def test_abort_and_resume_through_verl_replica_calls(servers, server, math_promp
     running = [server.generate.remote(prompt_ids=list(p), sampling_params=dict(params), request_id=f"abort-{i}")
                for i, p in enumerate(math_prompts[:2])]
     _wait_for(lambda: ray.get(server.drafter_status.remote(), timeout=RAY_TIMEOUT_S)["forwards"] > before,
-              "decoding started")
+              "decoding started", pace=lambda: None)  # the predicate itself is the round trip
     result = asyncio.run(replica.abort_all_requests())
     outputs = ray.get(running, timeout=RAY_TIMEOUT_S)
     assert result["aborted_count"] == 2, result

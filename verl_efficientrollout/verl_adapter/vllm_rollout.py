@@ -134,9 +134,10 @@ class _SpecMetricsEngine:
 
 
 def spec_fields(metrics) -> dict[str, int]:
-    """verl's per-request speculation fields from vLLM's per-step counts (a step that verified no
-    draft is not a verify step)."""
-    steps = [(a, d) for a, d in zip(metrics.per_step_accepted, metrics.per_step_drafted) if d > 0]
+    """verl's per-request speculation fields from vLLM's per-step counts."""
+    from verl_efficientrollout.vllm_backend.engine import verified_steps
+
+    steps = verified_steps(metrics)
     return {"spec_num_draft_tokens": sum(d for _, d in steps), "spec_num_accepted_tokens": sum(a for a, _ in steps),
             "spec_num_verify_steps": len(steps)}
 

