@@ -34,14 +34,12 @@ def prompts(math_prompts) -> list[tuple[int, ...]]:
 
 @pytest.fixture(scope="session")
 def speculative(model_dir, plain):
-    """vLLM with the int4 self-drafter at a fixed K, loaded as veRL's rollout server loads its engine
-    (tests that change its weights restore them). Started after ``plain``: vLLM's process-wide
-    Prometheus registry then holds this engine's counters, until a test starts another engine."""
-    from verl_efficientrollout.verl_adapter.config import ServerSettings
-    from verl_efficientrollout.verl_adapter.server import load_engine
+    """vLLM with the int4 self-drafter at a fixed K (tests that change its weights restore them).
+    Started after ``plain``: vLLM's process-wide Prometheus registry then holds this engine's
+    counters, until a test starts another engine."""
+    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
-    config = vllm_test_config(preset="sd-always", gamma=SHARED_GAMMA)
-    engine = load_engine(ServerSettings(model_dir, config, prompt_length=256, response_length=256))
+    engine = VLLMEngine(model_dir, vllm_test_config(preset="sd-always", gamma=SHARED_GAMMA))
     yield engine
     engine.close()
 

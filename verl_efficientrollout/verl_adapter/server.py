@@ -33,13 +33,14 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "max_new_tokens"
 
 def load_engine(settings: ServerSettings):
     """The engine ``settings.efficient.engine`` names, serving ``settings.model_path``: the native
-    engine, a ``vllm.LLM`` (``vllm_backend``) or an ``sglang.Engine`` (``sglang_backend``) with the
-    int4 self-drafter."""
+    engine or an ``sglang.Engine`` (``sglang_backend``) with the int4 self-drafter. ``engine: vllm``
+    is verl's own vLLM server (``vllm_rollout``), never this one: ``ValueError``."""
     efficient = settings.efficient
     if efficient.engine == "vllm":
-        from verl_efficientrollout.vllm_backend.engine import VLLMEngine
-
-        return VLLMEngine(settings.model_path, efficient, seed=settings.seed)
+        raise ValueError("custom.efficient.engine: 'vllm' is served by verl's own vLLM server "
+                         "(verl_adapter.vllm_rollout.EfficientVLLMReplica, which EfficientReplica dispatches to), "
+                         "not by EfficientServer; EfficientServer loads 'native' or 'sglang' (an in-process "
+                         "VLLMEngine can still be passed as engine=)")
     if efficient.engine == "sglang":
         from verl_efficientrollout.sglang_backend.engine import SGLangEngine
 

@@ -16,8 +16,15 @@ and takes the draft_model route. How the controller config maps onto vLLM:
 * anything else (``roofline``, ``paper``, adaptive or ladder gamma): our ``Controller`` inside
   vLLM's scheduler (``scheduler.EfficientScheduler``) sets K every step.
 
-Weights: ``update_weights`` reloads the target in place, then re-quantizes the self-drafter from
-the same tensors (or reloads the draft model, whose online int4 quantization re-runs: ``worker``).
+Weights: ``update_weights`` (this standalone engine's route, used by the benchmarks and tests;
+verl's server syncs through verl's own path, ``verl_worker``) reloads the target in place, the
+self-drafter re-quantized from each linear the target loaded, as under verl (or the draft model
+reloaded, whose online int4 quantization re-runs: ``worker``). The tensors reach vLLM's worker
+processes as a safetensors file in /dev/shm: vLLM's RPC serializer does not carry tensors.
+
+Under verl (``rollout.name=efficient``, ``engine: vllm``) this engine is not used: verl's own
+vLLM server serves (``verl_adapter.vllm_rollout``) with the same engine arguments
+(``speculation_args``).
 """
 
 from __future__ import annotations
@@ -276,7 +283,7 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory(dir=directory, prefix="efficient-weights-") as tmp:
             path = os.path.join(tmp, "weights.safetensors")
             save_file(weights, path)
-            reports = self.llm.collective_rpc("efficient_load_weights", args=(path, refresh, self.weights_version + 1))
+            reports = self.llm.collective_rpc("efficient_load_weights", args=(path, refresh))
         self.drafter_build_seconds = max(r["drafter_seconds"] or 0.0 for r in reports) if refresh else None
         errors = [r["drafter_error"] for r in reports if r.get("drafter_error")]
         if self.proposer == "self" and refresh:

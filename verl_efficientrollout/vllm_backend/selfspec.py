@@ -324,20 +324,6 @@ class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
             self.disabled = f"the drafter build failed with {type(exc).__name__}: {exc}"
             logger.warning("self-drafter: decoding without speculation until the next weight update: %s", self.disabled)
 
-    def rebuild(self, weights: list[tuple[str, torch.Tensor]], weights_version: int) -> dict:
-        """Re-quantize from a weight update's tensors (the target already holds them). All or
-        nothing: the new drafter replaces the old one only when it is complete; a failure leaves
-        this engine decoding plain (no drafts) until the next update rebuilds it."""
-        try:
-            self.model, self.report = build_drafter_view(self.target, weights, self.drafter_config, self.device,
-                                                         self.quantize)
-        except Exception as exc:
-            self.disabled = f"the drafter rebuild failed with {type(exc).__name__}: {exc}"
-            self.model = None
-            return {"error": self.disabled}
-        self.disabled, self.weights_version = None, weights_version
-        return {"error": None, **self.report}
-
     @contextlib.contextmanager
     def rebuilding_from_target(self):
         """Around a weight update that loads the target through its own ``load_weights`` and

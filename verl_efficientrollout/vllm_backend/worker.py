@@ -14,31 +14,36 @@ def _self_drafter(worker):
 
 
 class EfficientWorkerExtension:
-    def efficient_load_weights(self, path: str, update_drafter: bool = True, weights_version: int = 0) -> dict:
-        """Load HF-named tensors (a safetensors file) into the target in place (vLLM's layerwise
-        reload keeps the target's parameter objects, which the self-drafter shares), then rebuild
-        the drafter from the same tensors: the self-drafter re-quantizes its linears (all or
-        nothing); the draft_model route reloads its draft model through the layerwise reload,
-        which re-runs its online int4 quantization. ``update_drafter=False`` leaves it stale."""
+    def efficient_load_weights(self, path: str, update_drafter: bool = True) -> dict:
+        """Load HF-named tensors (a safetensors file: the standalone ``VLLMEngine``'s route; under
+        verl the tensors come through verl's sync, ``verl_worker``) into the target in place
+        (vLLM's layerwise reload keeps the target's parameter objects, which the self-drafter
+        shares), rebuilding the drafter on the way: the self-drafter re-quantizes each decoder
+        linear from what the target loaded (``rebuilding_from_target``, all or nothing, the same
+        path as verl's sync); the draft_model route reloads its draft model through the layerwise
+        reload, which re-runs its online int4 quantization. ``update_drafter=False`` leaves it stale."""
+        import contextlib
+
         from safetensors.torch import load_file
 
         from verl_efficientrollout.vllm_backend.compat import draft_model, reload_drafter
 
         weights = list(load_file(path).items())
+        own = _self_drafter(self) if update_drafter else None
+        rebuild = own.rebuilding_from_target() if own is not None else contextlib.nullcontext(None)
         start = time.perf_counter()
-        self.model_runner.reload_weights(weights_iterator=iter(weights))
+        with rebuild as report:
+            self.model_runner.reload_weights(weights_iterator=iter(weights))
         target_seconds = time.perf_counter() - start
         drafter_seconds, drafter_error = None, None
-        if update_drafter:
+        if own is not None:
+            drafter_seconds, drafter_error = report.get("build_seconds"), report["error"]
+        elif update_drafter and (drafter := draft_model(self.model_runner)) is not None:
             start = time.perf_counter()
-            own = _self_drafter(self)
-            if own is not None:
-                drafter_error = own.rebuild(weights, weights_version)["error"]
-            elif (drafter := draft_model(self.model_runner)) is not None:
-                try:
-                    reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
-                except Exception as exc:  # reported to the engine, which warns; the target is already updated
-                    drafter_error = f"{type(exc).__name__}: {exc}"
+            try:
+                reload_drafter(drafter, self.vllm_config.speculative_config.draft_model_config, weights)
+            except Exception as exc:  # reported to the engine, which warns; the target is already updated
+                drafter_error = f"{type(exc).__name__}: {exc}"
             drafter_seconds = time.perf_counter() - start
         return {"target_seconds": target_seconds, "drafter_seconds": drafter_seconds, "drafter_error": drafter_error}
 
