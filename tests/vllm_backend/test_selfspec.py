@@ -212,3 +212,43 @@ def test_a_drafter_that_does_not_share_the_targets_tensors_is_refused():
     copied_norm.lm_head, copied_norm.model.embed_tokens = target.lm_head, target.model.embed_tokens
     with pytest.raises(RuntimeError, match="model.norm.weight is not the target's"):
         check_shared(target, copied_norm, own=set())
+
+
+def _dequantized(parameter, dtype):
+    """The drafter weight as its kernel applies it: ``[out, in]``, read through the identity."""
+    import torch
+
+    from verl_efficientrollout.vllm_backend.selfspec import _TorchaoLinear
+
+    layer = torch.nn.Module()
+    layer.weight = parameter
+    eye = torch.eye(parameter.shape[1], dtype=dtype)  # [in, in]
+    return _TorchaoLinear(dtype).apply(layer, eye).T.float()  # [out, in]
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_a_tensor_parallel_shard_quantizes_to_the_same_drafter_weights_as_its_part_of_the_whole(shards):
+    """What a TP rank's capture quantizes is its own shard of each linear (column-parallel: rows of
+    the weight; row-parallel: columns). The drafter is sharded exactly like the target when the
+    shard's int4 equals that part of the whole weight's int4, for the recipe's group size: the
+    row-parallel shard width is a multiple of it. An engine at TP 2 is not started in the tests (2
+    cores); this checks the sharded build instead. Mutation check: a row shard whose groups straddle
+    the whole's (offset 16 columns) differs by up to 0.31."""
+    import torch
+
+    from verl_efficientrollout.config import DrafterConfig
+    from verl_efficientrollout.vllm_backend.selfspec import LinearQuantizer
+
+    config = DrafterConfig.from_name("int4-g32")
+    quantizer = LinearQuantizer(config, torch.device("cpu"), torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(256, 512, generator=generator) * torch.linspace(0.2, 3.0, 512)).to(torch.bfloat16)
+    whole = _dequantized(quantizer("whole", weight), torch.bfloat16)  # [256, 512]
+    assert not torch.equal(whole, weight.float())  # it is quantized
+    rows, cols = weight.shape[0] // shards, weight.shape[1] // shards
+    assert cols % config.group_size == 0
+    for rank in range(shards):
+        column_shard = _dequantized(quantizer("col", weight[rank * rows:(rank + 1) * rows].contiguous()), torch.bfloat16)
+        torch.testing.assert_close(column_shard, whole[rank * rows:(rank + 1) * rows], rtol=0, atol=0)
+        row_shard = _dequantized(quantizer("row", weight[:, rank * cols:(rank + 1) * cols].contiguous()), torch.bfloat16)
+        torch.testing.assert_close(row_shard, whole[:, rank * cols:(rank + 1) * cols], rtol=0, atol=0)
