@@ -90,9 +90,9 @@ def plot(result: dict, path: str) -> None:
 
 def oracle(args, model_dir: str):
     """vLLM's measured step costs (K = 0 and each K) on this machine, fitted as the native bench
-    does; None with ``--no-oracle``. Returns (cost model, prompt lengths of the default workload)."""
+    does; None with ``--no-oracle``."""
     if args.no_oracle:
-        return None, None
+        return None
     from transformers import AutoTokenizer
 
     from verl_efficientrollout.bench import BenchConfig, calibrated_cost_model, workload
@@ -104,7 +104,7 @@ def oracle(args, model_dir: str):
     measurements, device, structure = measure_steps(config, requests, len(requests))
     profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, structure)
     costs = calibrated_cost_model(profile, 0.0, [m for m in measurements if m["kind"] == "target"])
-    return costs, [len(r.prompt_ids) for r in requests]
+    return costs
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
 
     from verl_efficientrollout.bench import oracle_bound, policy_update
     from verl_efficientrollout.config import EfficientRolloutConfig
-    from verl_efficientrollout.data import agent_loop_batch, math_problems
+    from verl_efficientrollout.data import agent_loop_batch, chat_ids, math_problems
     from verl_efficientrollout.models import default_model_dir
     from verl_efficientrollout.verl_adapter.config import ServerSettings
     from verl_efficientrollout.verl_adapter.dry_run import compose_trainer_config
@@ -137,7 +137,7 @@ def main() -> None:
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
     model_dir = str(default_model_dir())
-    costs, prompt_lengths = oracle(args, model_dir)
+    costs = oracle(args, model_dir)
     ray.init(num_cpus=8, num_gpus=0, include_dashboard=False, runtime_env={"env_vars": ENV})
     register()
     stacks = {}
@@ -160,6 +160,8 @@ def main() -> None:
     questions = [p.question for p in math_problems()[:4]]
     batch = agent_loop_batch(questions, samples=4)
     prompts = list(batch.non_tensor_batch["raw_prompt"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_lengths = [len(chat_ids(tokenizer, p[0]["content"])) for p in prompts]  # the oracle's, in batch order
     rows: dict[str, list] = {"vllm": [], "efficient": []}
     for name in tqdm(("vllm", "efficient"), desc="warm-up rounds"):
         stacks[name]["agents"].generate_sequences(batch)
@@ -177,9 +179,7 @@ def main() -> None:
                                "ms_per_token": 1e3 * seconds / sum(lengths), "response_lengths": lengths,
                                "drafted": drafted, "accepted": accepted})
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = [list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)["input_ids"])
-           for p in prompts[:: len(prompts) // 6][:6]]
+    ids = [chat_ids(tokenizer, p[0]["content"]) for p in prompts[:: len(prompts) // 6][:6]]
     params = {"temperature": 1.0, "max_tokens": 128}
 
     def summarize(outs, arrivals, finishes, start):
