@@ -2,8 +2,8 @@
 
     python examples/active_batch.py [--drafter int4-g32] [--out docs/measured/cpu]
 
-One rollout of the benchmark's GRPO-like workload (4 bundled math problems x 4 samples, up to
-256 tokens, temperature 1) on the default model with the ``efficient`` preset and the shipped
+One rollout of the benchmark's default workload (``grpo``: 4 bundled math problems x 4 samples, up to
+1024 tokens, temperature 1, top_p 0.9) on the default model with the ``efficient`` preset and the shipped
 cost profile, after an untimed warm-up. Plots the active batch over the rollout's wall time,
 shaded where the controller speculated, with the gamma it chose; writes ``active_batch.png``.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", default="int4-g32")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the workload's cap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/active_batch"))
     args = parser.parse_args(argv)

@@ -99,7 +99,7 @@ def oracle(args, model_dir: str):
     from verl_efficientrollout.controller import ControllerConfig, fit_profile, load_profile
     from verl_efficientrollout.vllm_backend.bench import measure_steps
 
-    config = BenchConfig(engine="vllm", dtype=args.dtype, max_new_tokens=args.response_length)
+    config = BenchConfig(engine="vllm", dtype=args.dtype, workload="math", max_new_tokens=args.response_length)
     requests = workload(AutoTokenizer.from_pretrained(model_dir), config)
     measurements, device, structure = measure_steps(config, requests, len(requests))
     profile = fit_profile(measurements, load_profile(ControllerConfig().profile), "measured", device, structure)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from verl_efficientrollout.bench import BenchConfig, format_bench, oracle_bound, run_bench
+from verl_efficientrollout.bench import BenchConfig, format_bench, oracle_bound, run_bench, tail_shares
 from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
 
 
@@ -15,11 +15,14 @@ from verl_efficientrollout.controller import CostModel, CostProfile, StepCost
         ({"vllm_dtype": "int8"}, r"BenchConfig.vllm_dtype must be one of 'float32', 'bfloat16', 'float16'"),
         ({"modes": ("ar", "fast")}, r"BenchConfig.modes must be a selection of ar, sd-always, .* for engine native"),
         ({"modes": ("ar", "draft-model")}, r"BenchConfig.modes must be a selection of .*efficient for engine native"),
-        ({"workload": "chat"}, r"BenchConfig.workload must be one of 'math', 'short'"),
+        ({"workload": "chat"}, r"BenchConfig.workload must be one of 'grpo', 'math', 'short'"),
+        ({"top_p": 0.0}, r"BenchConfig.top_p must be a number > 0.0 and <= 1.0"),
+        ({"top_p": 1.5}, r"BenchConfig.top_p must be a number > 0.0 and <= 1.0"),
         ({"workload": "short", "prompts": 5}, r"BenchConfig.prompts must be"),
         ({"drafter": "int2"}, "drafter recipe must be one of"),
-        ({"prompts": 0}, r"BenchConfig.prompts must be"),
-        ({"repeats": 0}, r"BenchConfig.repeats must be"),
+        ({"prompts": -1}, r"BenchConfig.prompts must be"),
+        ({"workload": "grpo", "prompts": 33}, r"BenchConfig.prompts must be"),
+        ({"repeats": -1}, r"BenchConfig.repeats must be"),
         ({"perturbations": (0.0,)}, r"BenchConfig.perturbations must be"),
         ({"engine": "sglang"}, r"BenchConfig.engine must be one of 'native', 'vllm'"),
         ({"dtype": "int8"}, r"BenchConfig.dtype must be one of 'auto', 'float32'"),
@@ -39,6 +42,26 @@ def test_auto_dtype_is_left_to_the_native_engine_to_measure_and_is_bfloat16_for_
     assert BenchConfig().dtype == "auto"  # NativeEngine measures fp32 and bf16 at start-up
     assert BenchConfig(engine="vllm").dtype == "bfloat16"
     assert BenchConfig(engine="vllm", dtype="float16").dtype == "float16"
+
+
+def test_the_default_workload_is_grpo_and_each_workload_brings_its_own_size_cap_and_sampling():
+    grpo = BenchConfig()
+    assert (grpo.workload, grpo.prompts, grpo.samples, grpo.max_new_tokens, grpo.temperature, grpo.top_p,
+            grpo.repeats) == ("grpo", 4, 4, 1024, 1.0, 0.9, 1)
+    old = BenchConfig(workload="math")
+    assert (old.prompts, old.samples, old.max_new_tokens, old.temperature, old.top_p, old.repeats) == (
+        4, 4, 256, 1.0, 1.0, 2)
+    mine = BenchConfig(workload="math", prompts=2, max_new_tokens=64, temperature=0.5, top_p=0.8)
+    assert (mine.prompts, mine.samples, mine.max_new_tokens, mine.temperature, mine.top_p) == (2, 4, 64, 0.5, 0.8)
+
+
+def test_tail_shares_count_steps_and_wall_time_at_or_below_each_active_batch_size():
+    # (batch, speculated, gamma, seconds) per decode step: 16 rows for 1 s, 8 for 2 s, 3 for 3 s, 1 for 4 s
+    steps = [(16, False, 0, 1.0), (8, False, 0, 2.0), (3, True, 4, 3.0), (1, True, 4, 4.0)]
+    shares = tail_shares(steps)
+    assert shares["<=2"] == {"steps": 0.25, "seconds": 0.4}
+    assert shares["<=4"] == {"steps": 0.5, "seconds": 0.7}
+    assert shares["<=8"] == {"steps": 0.75, "seconds": 0.9}
 
 
 def _flat_costs(target: float, draft: float, verify_per_token: float) -> CostModel:
@@ -75,6 +98,12 @@ def test_bench_runs_every_mode_side_by_side_and_writes_json_and_png(tmp_path):
     (update,) = report["stale_vs_rebuilt"]
     assert 0.0 <= update["stale_drafter"] <= 1.0 and 0.0 <= update["rebuilt_drafter"] <= 1.0
     assert "oracle bound" in format_bench(report)
+    shape = report["workload_shape"]
+    lengths = report["modes"]["ar"]["runs"][0]["response_lengths"]
+    assert shape["truncated_share"] <= sum(n == 8 for n in lengths) / 2  # a truncated row has all 8 tokens
+    assert set(shape["tail"]) == {"<=2", "<=4", "<=8"}
+    assert shape["tail"]["<=2"]["steps"] == 1.0  # two rows: every step is in the tail
+    assert "of rows truncated at the cap" in format_bench(report)
 
 
 def test_oracle_bound_never_exceeds_plain_decoding_when_rows_end_inside_a_speculative_step():

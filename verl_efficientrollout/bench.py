@@ -1,7 +1,7 @@
 """``efficient-rollout bench``: rollout latency of each speculation policy against plain decoding.
 
-One process, one engine, one workload (a GRPO-like batch: bundled math problems x samples,
-temperature 1, real EOS, a token cap some rows hit). The modes run interleaved, repeat after
+One process, one engine, one workload (by default ``grpo``: bundled math problems x samples with
+the length distribution of a GRPO rollout, real EOS, a cap few rows hit; see ``WORKLOADS``). The modes run interleaved, repeat after
 repeat, each with its own controller that carries what it learned from repeat to repeat (like
 successive RL steps):
 
@@ -45,8 +45,40 @@ from verl_efficientrollout.reports import save_report
 MODES = ("ar", "sd-always", "threshold", "paper", "efficient")
 # vLLM also runs its draft_model route (the drafter with a KV cache of its own), fixed gamma: for comparison.
 VLLM_MODES = (*MODES, "draft-model")
-WORKLOADS = ("math", "short")  # bundled math problems (long answers, a cap some rows hit) or short answers
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+TAIL_ROWS = (2, 4, 8)  # the report's tail shares: decode steps and wall time at <= N active rows
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named batch of the bench: its questions, default size, cap and sampling."""
+
+    name: str
+    questions: str  # math (the bundled problems, solved step by step) | short (short-answer questions)
+    prompts: int
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    repeats: int = 2  # the main job stays within about 5 minutes on a 2-core CPU
+
+
+WORKLOADS = {
+    # The default, shaped like a GRPO rollout of verl's GSM8K examples (grade-school word problems,
+    # ``data.max_response_length=1024``, n samples per prompt, temperature 1.0): a cap that cuts at most a few
+    # percent of the rows, so the active batch drains to a handful of rows and the last ones decode alone.
+    # Nucleus sampling (top_p 0.9) on top of verl's temperature 1.0: without it this 135M model drifts into
+    # text that never ends on about a quarter of the rows (a trained policy at 1.0 does not), which would
+    # put every rollout's end at the cap. Chosen for that truncated share, before any speedup was measured
+    # with it; docs/measured/cpu/workload_grpo.md has the length measurements. One repeat by default: the
+    # main job's 5 modes then fit in about 5 minutes on a 2-core CPU (pass --repeats for more).
+    "grpo": Workload("grpo", "math", prompts=4, samples=4, max_new_tokens=1024, temperature=1.0, top_p=0.9,
+                     repeats=1),
+    # The old default: half the rows run into the 256-token cap, so the active batch never drains.
+    "math": Workload("math", "math", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
+    # Answers that end early (the engines' distribution tests' questions).
+    "short": Workload("short", "short", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
+}
 
 
 @dataclass(frozen=True)
@@ -58,12 +90,14 @@ class BenchConfig:
     dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N (native engine)
     drafter: str = "int4-g32"
-    workload: str = "math"
-    prompts: int = 4
-    samples: int = 4
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    repeats: int = 2
+    workload: str = "grpo"  # a name of WORKLOADS
+    # 0 (temperature, top_p: -1): the workload's own (prompts, samples, max_new_tokens, repeats too)
+    prompts: int = 0
+    samples: int = 0
+    max_new_tokens: int = 0
+    temperature: float = -1.0
+    top_p: float = -1.0
+    repeats: int = 0
     modes: tuple[str, ...] = ()  # (): every mode of the engine
     gamma: int = 4  # sd-always and threshold
     threshold_batch_size: int = 4
@@ -88,12 +122,20 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.against='vllm' compares the native engine with plain vLLM: engine must be "
                              f"'native', got {self.engine!r}")
         DrafterConfig.from_name(self.drafter)
-        check_choice("BenchConfig", "workload", self.workload, WORKLOADS)
+        check_choice("BenchConfig", "workload", self.workload, tuple(WORKLOADS))
+        spec = WORKLOADS[self.workload]
+        for name in ("prompts", "samples", "max_new_tokens", "repeats"):
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, getattr(spec, name))
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) == -1.0:
+                object.__setattr__(self, name, getattr(spec, name))
         check_int("BenchConfig", "prompts", self.prompts, low=1,
-                  high=len(math_problems()) if self.workload == "math" else len(SHORT_ANSWER_QUESTIONS))
+                  high=len(math_problems()) if spec.questions == "math" else len(SHORT_ANSWER_QUESTIONS))
         check_int("BenchConfig", "samples", self.samples, low=1)
         check_int("BenchConfig", "max_new_tokens", self.max_new_tokens, low=1)
         check_float("BenchConfig", "temperature", self.temperature, low=0.0)
+        check_float("BenchConfig", "top_p", self.top_p, low=0.0, low_open=True, high=1.0)
         check_int("BenchConfig", "repeats", self.repeats, low=1)
         check_int("BenchConfig", "gamma", self.gamma, low=1)
         check_int("BenchConfig", "threshold_batch_size", self.threshold_batch_size, low=0)
@@ -112,8 +154,8 @@ class BenchConfig:
 def workload(tokenizer, config: BenchConfig) -> list[Request]:
     """The GRPO-like batch: the first ``prompts`` bundled math problems (or short-answer
     questions, ``workload="short"``) x ``samples`` each."""
-    params = SamplingParams(temperature=config.temperature)
-    if config.workload == "short":
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p)
+    if WORKLOADS[config.workload].questions == "short":
         prompts = [tuple(chat_ids(tokenizer, q)) for q in SHORT_ANSWER_QUESTIONS[: config.prompts]]
     else:
         prompts = [tuple(chat_prompt_ids(tokenizer, p)) for p in math_problems()[: config.prompts]]
@@ -147,12 +189,35 @@ def calibrated_cost_model(profile: CostProfile, refine_rate: float, measurements
     return cost_model
 
 
+def tail_shares(steps) -> dict[str, dict[str, float]]:
+    """Shares of the decode steps and of their wall time spent at <= N active rows (N in
+    ``TAIL_ROWS``): where in a rollout speculation can pay. ``steps``: (batch, spec, gamma,
+    seconds, ...) per decode step, as ``RolloutResult.steps``."""
+    total = sum(s[3] for s in steps) or 1.0
+    return {f"<={n}": {"steps": sum(s[0] <= n for s in steps) / max(len(steps), 1),
+                       "seconds": sum(s[3] for s in steps if s[0] <= n) / total} for n in TAIL_ROWS}
+
+
 def run_summary(result: RolloutResult) -> dict:
     return {
         **result.summary(),
         "response_lengths": [len(o.token_ids) for o in result.outputs],
+        "truncated_share": sum(o.finish_reason == "length" for o in result.outputs) / len(result.outputs),
+        "tail": tail_shares(result.steps),
         "trace": [(batch, bool(spec), gamma, seconds) for batch, spec, gamma, seconds, _ in result.steps],
     }
+
+
+def workload_shape(ar_runs: list[dict]) -> dict:
+    """The workload as plain decoding ran it (mean over repeats): truncated share and tail shares."""
+    tails = [r["tail"] for r in ar_runs]
+    return {"truncated_share": statistics.mean(r["truncated_share"] for r in ar_runs),
+            "tail": {k: {m: statistics.mean(t[k][m] for t in tails) for m in ("steps", "seconds")} for k in tails[0]}}
+
+
+def format_shape(shape: dict) -> str:
+    tail = ", ".join(f"{k} rows {v['steps']:.0%} of steps / {v['seconds']:.0%} of time" for k, v in shape["tail"].items())
+    return f"plain decoding's rollout: {shape['truncated_share']:.0%} of rows truncated at the cap; {tail}"
 
 
 def oracle_bound(prompt_lengths, response_lengths, acceptance: float, cost_model: CostModel) -> float:
@@ -253,6 +318,7 @@ def run_bench(config: BenchConfig, out_dir: Path | None = None) -> dict:
         "calibration": calibration,
         "fitted_profile": profile.to_dict(),
         "oracle_bound": bound(acceptance_for_bound) if acceptance_for_bound else 1.0,
+        "workload_shape": workload_shape(runs["ar"]),
         "modes": modes,
         "stale_vs_rebuilt": stale_vs_rebuilt(engine, requests[: min(8, rows)], config),
         "seconds_total": time.perf_counter() - started,
@@ -378,14 +444,14 @@ def format_bench(report: dict) -> str:
     if report.get("dtype_choice"):
         dtype += f" (auto: {report['dtype_choice']['reason']})"
     lines = [
-        f"workload: {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, temperature "
-        f"{c['temperature']}, up to {c['max_new_tokens']} new tokens, {dtype}, drafter {report['drafter_recipe']}; "
+        f"workload {c['workload']}: {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, temperature "
+        f"{c['temperature']}, top_p {c.get('top_p', 1.0)}, up to {c['max_new_tokens']} new tokens, {dtype}, drafter {report['drafter_recipe']}; "
         f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_capability']}"
         + (", compiled CPU decode ops" if report.get("cpu_decode_ops") else ""),
         "",
-        "| mode | rollout s (per repeat) | ratio vs ar (min-max) | oracle bound | tokens/s | acceptance | "
-        "mean accepted length | speculated steps | gamma histogram |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | rollout s (per repeat) | ratio vs ar (min-max) | oracle bound | tokens/s | per token vs ar | "
+        "acceptance | mean accepted length | speculated steps | gamma histogram |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, m in report["modes"].items():
         last = m["runs"][-1]
@@ -394,10 +460,12 @@ def format_bench(report: dict) -> str:
         bound = "-" if m["oracle_bound"] is None else f"{m['oracle_bound']:.3f}"
         lines.append(
             f"| {mode} | {', '.join(f'{s:.1f}' for s in m['seconds'])} | {m['ratio_vs_ar']:.3f} "
-            f"({m['ratio_min']:.3f}-{m['ratio_max']:.3f}) | {bound} | {m['tokens_per_second']:.1f} | {acc} | "
+            f"({m['ratio_min']:.3f}-{m['ratio_max']:.3f}) | {bound} | {m['tokens_per_second']:.1f} | "
+            f"{report['modes']['ar']['tokens_per_second'] / m['tokens_per_second']:.3f} | {acc} | "
             f"{'-' if mal is None else f'{mal:.2f}'} | {last['speculated_share']:.0%} | {last['gamma_histogram']} |"
         )
-    lines += ["", f"oracle bound at the best measured acceptance: {report['oracle_bound']:.3f}",
+    lines += ["", f"oracle bound at the best measured acceptance: {report['oracle_bound']:.3f}; "
+              + format_shape(report["workload_shape"]),
               f"drafter build {report['drafter']['build_seconds']:.2f} s", ""]
     lines += ["| policy update (noise x std, decoder linears) | acceptance before | stale drafter | rebuilt drafter "
               "| rebuild s |", "| --- | --- | --- | --- | --- |"]
@@ -449,6 +517,10 @@ def plot_bench(report: dict, path: Path) -> None:
             gamma_ax.step(range(len(trace)), [t[2] for t in trace], where="post", label=mode, color=color, alpha=0.8)
     batch_ax.set_ylabel("active batch")
     batch_ax.set_title("last repeat of each mode: active batch, and gamma (0 = plain step), per decode step")
+    shape = report["workload_shape"]
+    batch_ax.text(0.99, 0.95, f"ar: {shape['truncated_share']:.0%} of rows truncated\n" + "\n".join(
+        f"{k} rows: {v['steps']:.0%} of steps, {v['seconds']:.0%} of time" for k, v in shape["tail"].items()),
+        transform=batch_ax.transAxes, ha="right", va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8})
     batch_ax.legend(fontsize=8)
     gamma_ax.set_ylabel("gamma")
     gamma_ax.set_xlabel("decode step")

@@ -36,13 +36,14 @@ def _parser() -> argparse.ArgumentParser:
                        "start-up; vllm: bfloat16), float32, bfloat16, float16")
     bench.add_argument("--device", default=b.device, help="auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N")
     bench.add_argument("--drafter", default=b.drafter, help="drafter recipe: int4-g32, int4-g64, ..., int8")
-    bench.add_argument("--workload", default=b.workload, help="math (bundled problems, long answers) or short "
-                       "(short-answer questions)")
-    bench.add_argument("--prompts", type=int, default=b.prompts)
-    bench.add_argument("--samples", type=int, default=b.samples)
-    bench.add_argument("--max-new-tokens", type=int, default=b.max_new_tokens)
-    bench.add_argument("--temperature", type=float, default=b.temperature)
-    bench.add_argument("--repeats", type=int, default=b.repeats)
+    bench.add_argument("--workload", default=b.workload, help="grpo (default: bundled math problems, a GRPO "
+                       "rollout's long tail, 1024 tokens), math (the old 16 rows x 256 tokens) or short (short answers)")
+    bench.add_argument("--prompts", type=int, default=0, help="0: the workload's")
+    bench.add_argument("--samples", type=int, default=0, help="0: the workload's")
+    bench.add_argument("--max-new-tokens", type=int, default=0, help="0: the workload's")
+    bench.add_argument("--temperature", type=float, default=-1.0, help="-1: the workload's")
+    bench.add_argument("--top-p", type=float, default=-1.0, help="-1: the workload's")
+    bench.add_argument("--repeats", type=int, default=0, help="0: the workload's (grpo 1, math and short 2)")
     bench.add_argument("--modes", type=_csv(str), default=(), help="from ar,sd-always,threshold,paper,efficient "
                        "(vllm: also draft-model); default: all of the engine's")
     bench.add_argument("--gamma", type=int, default=b.gamma, help="gamma of sd-always and threshold")

@@ -242,7 +242,7 @@ def format_vllm_bench(report: dict) -> str:
 
     lines = [
         f"workload: {c['workload']}, {c['prompts']} prompts x {c['samples']} samples = {report['rows']} rows, "
-        f"temperature {c['temperature']}, up to {c['max_new_tokens']} new tokens; vLLM {report['vllm']}, {c['dtype']}, "
+        f"temperature {c['temperature']}, top_p {c.get('top_p', 1.0)}, up to {c['max_new_tokens']} new tokens; vLLM {report['vllm']}, {c['dtype']}, "
         f"drafter {DrafterConfig.from_name(c['drafter']).name}; one engine per mode and rollout, {c['repeats']} "
         f"interleaved repeat(s), each after a warm-up; {report['device'] or 'step times not measured'}",
         "",
