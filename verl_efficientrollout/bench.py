@@ -1,7 +1,7 @@
 """``efficient-rollout bench``: rollout latency of each speculation policy against plain decoding.
 
-One process, one engine, one workload (by default ``grpo``: bundled math problems x samples with
-the length distribution of a GRPO rollout, real EOS, a cap few rows hit; see ``WORKLOADS``). The modes run interleaved, repeat after
+One process, one engine, one workload (by default ``grpo``: bundled math problems x samples,
+shaped like a GRPO rollout, real EOS, a cap few rows hit; see ``WORKLOADS``). The modes run interleaved, repeat after
 repeat, each with its own controller that carries what it learned from repeat to repeat (like
 successive RL steps):
 
@@ -60,18 +60,18 @@ class Workload:
     max_new_tokens: int
     temperature: float
     top_p: float = 1.0
-    repeats: int = 2  # the main job stays within about 5 minutes on a 2-core CPU
+    repeats: int = 2  # rollouts of each mode
 
 
 WORKLOADS = {
     # The default, shaped like a GRPO rollout of verl's GSM8K examples (grade-school word problems,
-    # ``data.max_response_length=1024``, n samples per prompt, temperature 1.0): a cap that cuts at most a few
-    # percent of the rows, so the active batch drains to a handful of rows and the last ones decode alone.
+    # ``data.max_response_length=1024``, n samples per prompt, temperature 1.0): a cap that only the rows
+    # that never end reach (9-12% measured in the main job), so the active batch drains to a handful of rows.
     # Nucleus sampling (top_p 0.9) on top of verl's temperature 1.0: without it this 135M model drifts into
     # text that never ends on about a quarter of the rows (a trained policy at 1.0 does not), which would
     # put every rollout's end at the cap. Chosen for that truncated share, before any speedup was measured
-    # with it; docs/measured/cpu/workload_grpo.md has the length measurements. One repeat by default: the
-    # main job's 5 modes then fit in about 5 minutes on a 2-core CPU (pass --repeats for more).
+    # with it; docs/measured/cpu/workload_grpo.md has the length measurements. One repeat by default to keep
+    # the main job near 5 minutes on a 2-core CPU (pass --repeats for more).
     "grpo": Workload("grpo", "math", prompts=4, samples=4, max_new_tokens=1024, temperature=1.0, top_p=0.9,
                      repeats=1),
     # The old default: half the rows run into the 256-token cap, so the active batch never drains.
