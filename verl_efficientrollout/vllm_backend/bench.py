@@ -135,6 +135,9 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
     for mode, given in (engines or {}).items():
         if given.config.controller != configs[mode].controller or given.config.vllm.proposer != configs[mode].vllm.proposer:
             raise ValueError(f"the engine given for mode {mode!r} was built with another controller config")
+        if given.config.vllm.dtype != config.dtype:  # the report says config.dtype: it must be what ran
+            raise ValueError(f"the engine given for mode {mode!r} runs {given.config.vllm.dtype}, but BenchConfig.dtype "
+                             f"is {config.dtype!r}: pass dtype={given.config.vllm.dtype!r}")
     # vLLM's step times first, on an engine of their own (closed before the benchmark's engines start)
     measurements, device, structure = measure_steps(config, requests, len(requests)) if measure else ([], None, None)
     profile, profile_modes = None, []
