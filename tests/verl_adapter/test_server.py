@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 
 import pytest
 import torch
@@ -109,15 +111,33 @@ def test_prompt_longer_than_the_context_fails_alone(engine, default_model_dir, m
 
 
 def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, default_model_dir, make_settings,
-                                                                   chat_prompts):
+                                                                   chat_prompts, monkeypatch):
     server = EfficientServer(make_settings(default_model_dir, response_length=400), engine=engine)
     prompt = chat_prompts(1)[0]
-    params = {"temperature": 1.0, "max_tokens": 400}
+    # Greedy: the answer ends where it ends (far beyond the few steps before the abort), not by chance.
+    params = {"temperature": 0.0, "max_tokens": 400}
+    decoding = threading.Event()  # set once the engine has polled for an abort before its 4th decode step
+    generate = engine.generate
+
+    def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
+        polls = itertools.count(1)
+
+        def poll():
+            if next(polls) > 3:
+                decoding.set()
+            return should_abort()
+
+        try:
+            return generate(requests, seed, controller, poll)
+        finally:
+            decoding.set()  # a batch that ended first fails the assertions below instead of hanging
+
+    monkeypatch.setattr(engine, "generate", generate_and_signal)
 
     async def calls():
         running = asyncio.ensure_future(
             server.generate(prompt_ids=prompt, sampling_params=dict(params), request_id="a"))
-        await asyncio.sleep(1.0)  # a few decode steps
+        await asyncio.to_thread(decoding.wait)  # observed progress: three decode steps done
         await server.abort_all_requests()
         aborted = await running
         waiting = asyncio.ensure_future(server.generate(prompt_ids=prompt, sampling_params={"max_tokens": 3},
@@ -128,7 +148,7 @@ def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, defaul
         return aborted, await waiting
 
     aborted, resumed = run(server, calls)
-    assert aborted.stop_reason == "aborted" and len(aborted.token_ids) < 400
+    assert aborted.stop_reason == "aborted" and 3 <= len(aborted.token_ids) < 400  # the tokens so far
     assert resumed.stop_reason == "completed" and len(resumed.token_ids) == 3
 
 
