@@ -153,6 +153,18 @@ def pytest_configure(config):
             importlib.import_module(module)
         except ImportError as exc:
             raise pytest.UsageError(f"test tier {tier!r} needs {module}, which does not import: {exc}") from exc
+    if tier == "core":  # what the native engine's CPU tests would otherwise skip
+        import shutil
+
+        from verl_efficientrollout.engine.model import onednn_linear_ops
+
+        compiler = os.environ.get("CXX") or "c++"
+        if shutil.which(compiler) is None:
+            raise pytest.UsageError(f"test tier 'core' needs a C++ compiler ({compiler!r}, or set CXX) for the "
+                                    "native engine's CPU decode ops (tests/engine/test_cpu_kernels.py)")
+        if onednn_linear_ops() is None:
+            raise pytest.UsageError("test tier 'core' needs torch's oneDNN linear ops (tests/engine/test_model.py): "
+                                    "install the torch build of requirements/cpu-core.txt")
 
 
 @pytest.fixture(scope="session")
