@@ -34,7 +34,9 @@ def test_vllm_bench_times_each_mode_against_plain_vllm_with_the_oracle_bound_of_
                                                                         report["per_step"])
     # The profile fitted to those steps is written beside the report (paper and efficient decide with it).
     assert json.loads((tmp_path / "bench_vllm_profile.json").read_text()) == report["fitted_profile"]
+    assert 0.0 <= report["truncated_share"] <= 1.0
     text = format_vllm_bench(report)
+    assert "of rows truncated at the cap" in text
     assert "| sd-always | self |" in text and "best ratio" in text
 
 

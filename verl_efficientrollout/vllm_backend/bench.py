@@ -170,7 +170,9 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
                 finally:
                     if mode not in (engines or {}):
                         engine.close()
-                runs[mode].append({**result.summary(), "response_lengths": [len(o.token_ids) for o in result.outputs]})
+                runs[mode].append({**result.summary(), "response_lengths": [len(o.token_ids) for o in result.outputs],
+                                   "truncated_share": sum(o.finish_reason == "length" for o in result.outputs)
+                                   / len(result.outputs)})
                 progress.update()
 
     native = native_acceptance(model, config, requests) if compare_native and "sd-always" in runs else None
@@ -211,6 +213,7 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
         "engine": "vllm", "vllm": vllm_version()[0], "config": asdict(config), "vllm_engine": asdict(engine_config),
         "rows": len(requests), "device": device, "modes": modes,
         "oracle_bound": bound(best_acceptance) if best_acceptance else None,
+        "truncated_share": statistics.mean(r["truncated_share"] for r in runs["ar"]),  # plain vLLM's rows at the cap
         "per_step": per_step_bounds(measurements, best_acceptance) if measurements and best_acceptance else [],
         "fitted_profile": profile.to_dict() if profile is not None else None,
         "profile_modes": profile_modes,
@@ -261,6 +264,8 @@ def format_vllm_bench(report: dict) -> str:
             f"{m['ratio_vs_ar']:.3f} ({m['ratio_min']:.3f}-{m['ratio_max']:.3f}) | {fmt(m['oracle_bound'])} | "
             f"{m['tokens_per_second']:.1f} | {fmt(m['token_acceptance'])} | {fmt(m['mean_acceptance_length'], '.2f')} "
             f"| {per_position} | {fmt(m['lengths_ks_p_value_vs_ar'], '.2f')} |")
+    if report.get("truncated_share") is not None:
+        lines += ["", f"plain vLLM's rollout: {report['truncated_share']:.0%} of rows truncated at the cap"]
     if report.get("profile_modes"):
         lines += ["", f"{', '.join(report['profile_modes'])}: decided with the cost profile fitted to this run's "
                   "step times (below; bench_vllm_profile.json)"]
