@@ -220,9 +220,9 @@ def main() -> None:
         outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(ids)))
         return summarize(outs, arrivals, finishes, start)
 
-    for _ in tqdm(range(1), desc="staggered arrivals (EfficientServer over VLLMEngine)"):
-        old_loop.run_until_complete(old.generate(prompt_ids=ids[0], sampling_params=params, request_id="warm-up"))
-        staggered["efficient_server_old"] = old_loop.run_until_complete(old_staggered())
+    print("staggered arrivals (EfficientServer over VLLMEngine)", flush=True)
+    old_loop.run_until_complete(old.generate(prompt_ids=ids[0], sampling_params=params, request_id="warm-up"))
+    staggered["efficient_server_old"] = old_loop.run_until_complete(old_staggered())
     old.engine.close()
 
     dtype = getattr(torch, args.dtype)

@@ -51,9 +51,8 @@ TAIL_ROWS = (2, 4, 8)  # the report's tail shares: decode steps and wall time at
 
 @dataclass(frozen=True)
 class Workload:
-    """A named batch of the bench: its questions, default size, cap and sampling."""
+    """A batch of the bench (named by its key in ``WORKLOADS``): its questions, default size, cap and sampling."""
 
-    name: str
     questions: str  # math (the bundled problems, solved step by step) | short (short-answer questions)
     prompts: int
     samples: int
@@ -72,12 +71,12 @@ WORKLOADS = {
     # put every rollout's end at the cap. Chosen for that truncated share, before any speedup was measured
     # with it; docs/measured/cpu/workload_grpo.md has the length measurements. One repeat by default to keep
     # the main job near 5 minutes on a 2-core CPU (pass --repeats for more).
-    "grpo": Workload("grpo", "math", prompts=4, samples=4, max_new_tokens=1024, temperature=1.0, top_p=0.9,
+    "grpo": Workload("math", prompts=4, samples=4, max_new_tokens=1024, temperature=1.0, top_p=0.9,
                      repeats=1),
     # The old default: half the rows run into the 256-token cap, so the active batch never drains.
-    "math": Workload("math", "math", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
+    "math": Workload("math", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
     # Answers that end early (the engines' distribution tests' questions).
-    "short": Workload("short", "short", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
+    "short": Workload("short", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
 }
 
 
@@ -198,11 +197,16 @@ def tail_shares(steps) -> dict[str, dict[str, float]]:
                        "seconds": sum(s[3] for s in steps if s[0] <= n) / total} for n in TAIL_ROWS}
 
 
+def truncated_share(outputs) -> float:
+    """Share of the rows that ran into their token cap (finish reason ``length``)."""
+    return sum(o.finish_reason == "length" for o in outputs) / len(outputs)
+
+
 def run_summary(result: RolloutResult) -> dict:
     return {
         **result.summary(),
         "response_lengths": [len(o.token_ids) for o in result.outputs],
-        "truncated_share": sum(o.finish_reason == "length" for o in result.outputs) / len(result.outputs),
+        "truncated_share": truncated_share(result.outputs),
         "tail": tail_shares(result.steps),
         "trace": [(batch, bool(spec), gamma, seconds) for batch, spec, gamma, seconds, _ in result.steps],
     }

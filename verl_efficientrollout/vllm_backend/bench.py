@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from verl_efficientrollout.bench import (
-    BenchConfig, calibrated_cost_model, capped, mode_config, oracle_bound, ratio_bars, workload,
+    BenchConfig, calibrated_cost_model, capped, mode_config, oracle_bound, ratio_bars, truncated_share, workload,
 )
 from verl_efficientrollout.config import DrafterConfig, EfficientRolloutConfig, VLLMEngineConfig
 from verl_efficientrollout.controller import ControllerConfig, fit_profile, load_profile, save_profile
@@ -171,8 +171,7 @@ def run_vllm_bench(config: BenchConfig, out_dir: Path | None = None, engines: di
                     if mode not in (engines or {}):
                         engine.close()
                 runs[mode].append({**result.summary(), "response_lengths": [len(o.token_ids) for o in result.outputs],
-                                   "truncated_share": sum(o.finish_reason == "length" for o in result.outputs)
-                                   / len(result.outputs)})
+                                   "truncated_share": truncated_share(result.outputs)})
                 progress.update()
 
     native = native_acceptance(model, config, requests) if compare_native and "sd-always" in runs else None
