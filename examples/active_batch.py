@@ -2,7 +2,7 @@
 
     python examples/active_batch.py [--drafter int4-g32] [--out docs/measured/cpu]
 
-One rollout of the benchmark's default workload (``grpo``: 4 bundled math problems x 4 samples, up to
+One rollout of the benchmark's default workload (``grpo``: 8 bundled math problems x 2 samples, up to
 1024 tokens, temperature 1, top_p 0.9) on the default model with the ``efficient`` preset and the shipped
 cost profile, after an untimed warm-up. Plots the active batch over the rollout's wall time,
 shaded where the controller speculated, with the gamma it chose; writes ``active_batch.png``.

@@ -4,7 +4,9 @@ import random
 
 import pytest
 
-from verl_efficientrollout.stats import chi2_homogeneity, chi2_sf, kolmogorov_sf, ks_two_sample
+from verl_efficientrollout.stats import (
+    chi2_critical, chi2_goodness_of_fit, chi2_homogeneity, chi2_power, chi2_sf, kolmogorov_sf, ks_two_sample,
+)
 
 
 @pytest.mark.parametrize("x, dof, p", [(3.841459, 1, 0.05), (18.307038, 10, 0.05), (6.634897, 1, 0.01),
@@ -60,3 +62,38 @@ def test_one_sampler_passes_and_a_sampler_biased_at_one_position_fails():
     assert min(same_sampler_p_values(rows(False), rows(False), samples=50)) > 0.01
     p_values = same_sampler_p_values(rows(False), rows(True), samples=50)
     assert p_values[1] < 1e-6 and p_values[0] > 0.01  # position 1 differs; the lengths do not
+
+
+@pytest.mark.parametrize("dof, alpha, x", [(1, 0.05, 3.841459), (10, 0.01, 23.209251), (31, 1e-5, 71.0)])
+def test_chi2_critical_value_inverts_the_survival_function(dof, alpha, x):
+    critical = chi2_critical(dof, alpha)
+    assert chi2_sf(critical, dof) == pytest.approx(alpha, rel=1e-6)
+    if dof < 31:  # tabled values
+        assert critical == pytest.approx(x, rel=1e-5)
+
+
+@pytest.mark.parametrize("noncentrality, power", [(0.0, 0.05), (4.0, 0.5160), (7.849, 0.80)])
+def test_chi2_power_matches_the_normal_formula_at_one_degree_of_freedom(noncentrality, power):
+    """With one degree of freedom the power at level 5% is Phi(sqrt(l) - 1.96) + Phi(-sqrt(l) - 1.96):
+    7.85 = (1.96 + 0.84)^2 is the textbook 80%."""
+    assert chi2_power(1, noncentrality, 0.05) == pytest.approx(power, abs=1e-3)
+
+
+def test_goodness_of_fit_passes_draws_of_the_law_fails_another_and_pools_rare_categories():
+    """4000 draws; the other law is at total variation 0.05 (noncentrality 53): at level 1e-3 with 3
+    degrees of freedom the test rejects it with probability > 0.999 (``chi2_power``), whatever the seed."""
+    rng = random.Random(3)
+    law = [0.5, 0.3, 0.15] + [0.05 / 50] * 50
+    other = [0.45, 0.35, 0.15] + [0.05 / 50] * 50
+
+    def counts(weights: list[float]) -> list[int]:
+        draws = rng.choices(range(len(weights)), weights, k=4000)
+        return [draws.count(i) for i in range(len(weights))]
+
+    same = chi2_goodness_of_fit(counts(law), law)
+    assert same.p_value > 1e-3 and same.dof == 3 and same.pooled_mass == pytest.approx(0.05)
+    assert chi2_power(3, 4000 * (0.05 ** 2 / 0.5 + 0.05 ** 2 / 0.3), 1e-3) > 0.999
+    assert chi2_goodness_of_fit(counts(other), law).p_value < 1e-3
+    assert chi2_goodness_of_fit([10, 0, 1], [0.5, 0.5, 0.0]).p_value == 0.0  # drew a category of probability 0
+    with pytest.raises(ValueError, match="one count per category"):
+        chi2_goodness_of_fit([1, 2], [1.0])

@@ -69,9 +69,10 @@ WORKLOADS = {
     # Nucleus sampling (top_p 0.9) on top of verl's temperature 1.0: without it this 135M model drifts into
     # text that never ends on about a quarter of the rows (a trained policy at 1.0 does not), which would
     # put every rollout's end at the cap. Chosen for that truncated share, before any speedup was measured
-    # with it; docs/measured/cpu/workload_grpo.md has the length measurements. One repeat by default to keep
-    # the main job near 5 minutes on a 2-core CPU (pass --repeats for more).
-    "grpo": Workload("math", prompts=4, samples=4, max_new_tokens=1024, temperature=1.0, top_p=0.9,
+    # with it; docs/measured/cpu/workload_grpo.md has the length measurements. 8 problems x 2 samples (a
+    # GRPO group's smallest n) and one repeat keep the main job within 5 minutes on a 2-core CPU with 16
+    # rows, one packed-kernel bucket (pass --samples / --repeats for more).
+    "grpo": Workload("math", prompts=8, samples=2, max_new_tokens=1024, temperature=1.0, top_p=0.9,
                      repeats=1),
     # The old default: half the rows run into the 256-token cap, so the active batch never drains.
     "math": Workload("math", prompts=4, samples=4, max_new_tokens=256, temperature=1.0),
@@ -412,7 +413,9 @@ def policy_update(state: dict[str, torch.Tensor], fraction: float, seed: int,
 def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: BenchConfig) -> list[dict]:
     """Scenario 2: a policy update; acceptance of the stale drafter vs the rebuilt one.
 
-    Each perturbation starts from the original weights, which are restored at the end."""
+    Every perturbation starts from the original weights, and its stale drafter is the one built from
+    them, so the acceptance before any update is measured once; the original weights are restored at
+    the end."""
     short = capped(requests, 64)
 
     def acceptance() -> float:
@@ -421,12 +424,11 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
         return controller.stats.token_acceptance
 
     original = {name: tensor.clone() for name, tensor in engine.target.hf_state_dict().items()}
+    stale = engine.drafter
+    before = acceptance()
     results = []
     for perturbation in config.perturbations:
-        before = acceptance()
-        state = policy_update(original, perturbation, seed=config.seed + 1000)
-        stale = engine.drafter
-        engine.update_weights(state.items())
+        engine.update_weights(policy_update(original, perturbation, seed=config.seed + 1000).items())
         rebuilt = engine.drafter
         engine.drafter = stale
         stale_acceptance = acceptance()
@@ -438,7 +440,7 @@ def stale_vs_rebuilt(engine: NativeEngine, requests: list[Request], config: Benc
             "rebuilt_drafter": acceptance(),
             "rebuild_seconds": rebuilt.report.build_seconds,
         })
-        engine.update_weights(original.items())
+    engine.update_weights(original.items())
     return results
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from verl_efficientrollout._mutations import injected_bug
 from verl_efficientrollout.sampling import logits_to_probs, sample
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -70,8 +71,10 @@ def rejection_sample(
     final_draft = torch.zeros_like(final_target)
     if max_gamma > 0:
         rejected = (num_accepted < num_draft_tokens)[:, None]
-        rejected_draft = draft_probs[rows, num_accepted.clamp(max=max_gamma - 1)]
-        final_draft = torch.where(rejected, rejected_draft, 0.0)
+        bug = injected_bug()  # tests only (``_mutations``): "" otherwise
+        at = num_accepted + 1 if bug == "residual-of-next-draft" else num_accepted
+        rejected_draft = draft_probs[rows, at.clamp(max=max_gamma - 1)]
+        final_draft = torch.where(rejected & (bug != "no-residual"), rejected_draft, 0.0)
     residual = (final_target - final_draft).clamp(min=0)  # unnormalised: `sample` is scale-free
     final = torch.where((residual > 0).any(dim=-1, keepdim=True), residual, final_target)
     final_token = torch.where(greedy, target_argmax[rows, num_accepted], sample(final, generator))

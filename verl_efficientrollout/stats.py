@@ -120,3 +120,70 @@ def same_sampler_p_values(reference: Sequence[Sequence[int]], other: Sequence[Se
 
         p_values.append(chi2_homogeneity(tokens(reference), tokens(other)).p_value)
     return p_values
+
+
+@dataclass(frozen=True)
+class GoodnessOfFit:
+    statistic: float
+    p_value: float
+    dof: int
+    pooled_mass: float  # exact probability of the categories pooled into 'other'
+
+
+def chi2_goodness_of_fit(counts: Sequence[int], law: Sequence[float], min_expected: float = 5.0) -> GoodnessOfFit:
+    """Pearson's chi-square test that ``counts`` (one per category) were drawn from the exact ``law``.
+
+    Categories whose expected count is below ``min_expected`` are pooled into one 'other' category;
+    ``pooled_mass`` is their probability (a deviation of total variation ``eps`` from ``law`` leaves at
+    least ``eps - pooled_mass`` on the categories tested)."""
+    if len(counts) != len(law) or not counts:
+        raise ValueError(f"chi2_goodness_of_fit needs one count per category: {len(counts)} counts, {len(law)} probs")
+    n = sum(counts)
+    if n <= 0:
+        raise ValueError("chi2_goodness_of_fit needs a positive number of samples")
+    total = sum(law)
+    cells, other, pooled_mass = [], [0, 0.0], 0.0
+    for count, prob in zip(counts, law):
+        expected = n * prob / total
+        if expected >= min_expected:
+            cells.append((count, expected))
+        else:
+            other[0] += count
+            other[1] += expected
+            pooled_mass += prob / total
+    if other[0] or other[1] > 0:
+        if other[1] <= 0:  # a category of probability zero was drawn: no law with these counts
+            return GoodnessOfFit(math.inf, 0.0, len(cells), pooled_mass)
+        cells.append(tuple(other))
+    if len(cells) < 2:
+        return GoodnessOfFit(0.0, 1.0, 0, pooled_mass)
+    statistic = sum((observed - expected) ** 2 / expected for observed, expected in cells)
+    dof = len(cells) - 1
+    return GoodnessOfFit(statistic, chi2_sf(statistic, dof), dof, pooled_mass)
+
+
+def chi2_critical(dof: int, alpha: float) -> float:
+    """The ``x`` with ``P(chi2_dof > x) = alpha`` (bisection on ``chi2_sf``)."""
+    low, high = 0.0, dof + 100.0 * math.sqrt(2 * dof) + 200.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if chi2_sf(middle, dof) > alpha else (low, middle)
+    return high
+
+
+def chi2_power(dof: int, noncentrality: float, alpha: float) -> float:
+    """Power of the chi-square test at level ``alpha`` when its statistic is noncentral chi-square with
+    ``dof`` degrees of freedom and ``noncentrality`` (a Poisson mixture of central laws).
+
+    For Pearson's test of ``n`` draws against ``law`` when they follow another law at total variation
+    ``eps``, the noncentrality is ``n * sum((other - law)^2 / law) >= 4 * n * eps^2`` (Cauchy-Schwarz):
+    ``chi2_power(dof, 4 * n * eps**2, alpha)`` is the power against the least detectable such law."""
+    critical = chi2_critical(dof, alpha)
+    half = noncentrality / 2
+    power, j = 0.0, 0
+    while True:
+        weight = math.exp(-half + j * math.log(half) - math.lgamma(j + 1)) if half > 0 else float(j == 0)
+        power += weight * chi2_sf(critical, dof + 2 * j)
+        if j > half and weight < 1e-16:
+            return min(1.0, power)
+        j += 1

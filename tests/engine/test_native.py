@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import pytest
 import torch
@@ -52,38 +51,6 @@ def test_greedy_speculative_output_is_identical_to_plain_decoding(default_engine
         if name.startswith("sd-always"):
             assert controller.stats.speculated_steps == len(speculative.steps) > 0
             assert controller.stats.token_acceptance > 0.8  # on-grid int4 drafter of the default model
-
-
-def _exact_two_token_distribution(engine, prompt, temperature):
-    """P(first token) [vocab] and P(second token) [vocab] of the target, by enumeration."""
-    vocab = engine.target.args.vocab_size
-    with torch.inference_mode():
-        from verl_efficientrollout.engine.model import KVCache
-
-        cache = KVCache(engine.target.args, vocab, len(prompt) + 2, engine.target.dtype)
-        tokens = torch.tensor([list(prompt) + [t] for t in range(vocab)])
-        positions = torch.arange(len(prompt) + 1).expand(vocab, -1)
-        logits = engine.target(tokens, positions, cache, torch.arange(vocab))  # [vocab, len + 1, vocab]
-    first_probs = (logits[0, -2] / temperature).softmax(-1)
-    second_given_first = (logits[:, -1] / temperature).softmax(-1)  # [first token, vocab]
-    return first_probs, first_probs @ second_given_first
-
-
-def test_temperature_one_output_follows_the_target_distribution(small_engine):
-    """Empirical first/second-token frequencies of speculative decoding match the target's."""
-    prompt, samples, temperature = (3, 17, 5, 9), 8000, 1.0
-    first_probs, second_probs = _exact_two_token_distribution(small_engine, prompt, temperature)
-    requests = [Request(prompt, 3, SamplingParams(temperature=temperature))] * samples
-    controller = _controller("sd-always", gamma=2)
-    result = small_engine.generate(requests, seed=1, controller=controller)
-    tokens = torch.tensor([o.token_ids for o in result.outputs])  # [samples, 3]
-    vocab = first_probs.numel()
-    bound = 0.5 * math.sqrt(vocab / samples) + math.sqrt(math.log(1e6) / (2 * samples))  # ~0.06
-    for position, exact in ((0, first_probs), (1, second_probs)):
-        empirical = torch.bincount(tokens[:, position], minlength=vocab).float() / samples
-        assert 0.5 * (empirical - exact).abs().sum() < bound, position
-    assert 0.0 < controller.stats.token_acceptance < 1.0  # drafts were really judged
-    assert controller.stats.speculated_steps > 0
 
 
 def test_same_seed_same_tokens_and_a_new_seed_differs(small_engine):

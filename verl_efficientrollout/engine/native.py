@@ -36,6 +36,7 @@ from verl_efficientrollout.engine.graphs import StepRunner, resolve_mode
 from verl_efficientrollout.engine.model import DecoderLM, KVCache, ModelArgs
 from verl_efficientrollout.engine.weights import collect_weight_update
 from verl_efficientrollout.models import load_target, torch_dtype
+from verl_efficientrollout._mutations import injected_bug
 from verl_efficientrollout.rejection import rejection_sample
 from verl_efficientrollout.sampling import logits_to_probs, sample, sampling_tensors, token_logprobs
 
@@ -385,12 +386,24 @@ class NativeEngine:
         positions = lengths[:, None] + torch.arange(gamma + 1, device=lengths.device)
         target_logits = self.runner(self.target, torch.cat([last[:, None], draft_tokens], dim=1), positions,
                                     longest + gamma + 1, cache)
-        target_probs = logits_to_probs(target_logits, *params)  # [batch, gamma + 1, vocab]
+        target_probs = logits_to_probs(*_verifier_inputs(target_logits, params))  # [batch, gamma + 1, vocab]
         greedy = params[0] == 0
         output, num_accepted = rejection_sample(
             draft_tokens, num_draft, torch.stack(draft_probs, dim=1), target_probs, generator, greedy
         )
         return output, num_accepted, target_logits, finite
+
+
+def _verifier_inputs(target_logits: torch.Tensor, params: tuple) -> tuple:  # target_logits: [batch, tokens, vocab]
+    """The verifier's ``logits_to_probs`` arguments: the drafter's sampling parameters, unless a test injects
+    a bug that breaks that (``_mutations``)."""
+    bug = injected_bug()
+    temperature, top_k, top_p = params[:3]
+    if bug == "temperature-twice":
+        target_logits = target_logits / torch.where(temperature > 0, temperature, 1.0)[:, None, None]
+    elif bug == "top-p-draft-only":
+        top_p = torch.ones_like(top_p)
+    return (target_logits, temperature, top_k, top_p, *params[3:])
 
 
 def _read_step(
