@@ -91,9 +91,11 @@ def sampler_p_values(model_dir):
     (engines with ``generate``), 48 rows each at temperature 1 on four short-answer prompts that end
     at EOS: a KS test on response lengths (40-token cap) and chi-square tests on the tokens at
     positions 1-3 per prompt (position 0 comes from the prefill, the next ones from verify steps);
-    compare each p-value with 0.01 / 4 (Bonferroni). A drafter bug of the kind research/vllm.md
-    records (median length 237 -> 90) is far outside what they accept: tests/test_stats.py shows
-    that they reject shifts of that size at these sample sizes."""
+    compare each p-value with 0.01 / 4 (Bonferroni). A smoke test on the real model and prompts, with
+    little power: at 48 rows the KS test has about 3% power against a 30% length shift and about 69%
+    against the 237 -> 90 median-length bug research/vllm.md records. The tests with power are the
+    exact-law tests on a vocab-32 model (tests/engine/test_exact_law.py, tests/vllm_backend/
+    test_vllm_exact_law.py)."""
     from transformers import AutoTokenizer
 
     from verl_efficientrollout.config import SamplingParams
@@ -185,3 +187,94 @@ def load_example():
         return sys.modules[name]
 
     return load
+
+
+class ExactLaw:
+    """Exact laws of a tiny-vocabulary model's first output tokens, and the tests against them
+    (``tests/engine/test_exact_law.py`` says why they are exact and how much power they have).
+
+    ``target_logits``: the target's next-token logits after every prefix of 0..levels-1 generated tokens
+    (level k is ``[vocab ** k, vocab]``, the last generated token varying fastest), each level's rows
+    decoded one token at a time on copies of the parents' KV cache (32^4 prefixes in seconds)."""
+
+    @staticmethod
+    def tiny_llama(hidden: int, heads: int, layers: int = 1, vocab: int = 32):
+        """A seeded random Llama with large initial weights (peaked laws; an int4 copy far from them), no EOS."""
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+            initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+        model = LlamaForCausalLM(config).eval().requires_grad_(False)
+        model.generation_config.eos_token_id = model.generation_config.bos_token_id = None
+        return model
+
+    @staticmethod
+    def target_logits(module, prompt: tuple[int, ...], levels: int) -> list:
+        """``module``: a native-engine model (``NativeEngine.target``) holding the target's weights."""
+        import torch
+
+        from verl_efficientrollout.engine.model import KVCache
+
+        vocab, length, chunk = module.args.vocab_size, len(prompt) + levels, 1 << 15
+        with torch.inference_mode():
+            cache = KVCache(module.args, 1, length, torch.float32)
+            levels_out = [module(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache, torch.arange(1),
+                                 output_index=torch.tensor([len(prompt) - 1]))[:, 0]]
+            for k in range(1, levels):
+                position, rows = len(prompt) + k - 1, vocab ** k
+                logits = torch.empty(rows, vocab)
+                kept = KVCache(module.args, rows, length, torch.float32) if k < levels - 1 else None
+                for start in range(0, rows, chunk):
+                    children = torch.arange(start, min(start + chunk, rows))
+                    scratch = KVCache(module.args, len(children), length, torch.float32)
+                    scratch.k[:, :, :, :position] = cache.k[:, children // vocab, :, :position]
+                    scratch.v[:, :, :, :position] = cache.v[:, children // vocab, :, :position]
+                    logits[children] = module((children % vocab)[:, None], torch.full((len(children), 1), position),
+                                              scratch, torch.arange(len(children)))[:, 0]
+                    if kept is not None:
+                        kept.k[:, children], kept.v[:, children] = scratch.k, scratch.v
+                levels_out.append(logits)
+                cache = kept
+        return levels_out
+
+    @staticmethod
+    def laws(target_logits: list, params) -> list:
+        """The law of output token k+1 (k = 0..levels-1) under plain decoding with ``params``: [vocab] float64."""
+        import torch
+
+        from verl_efficientrollout.sampling import logits_to_probs, sampling_tensors
+
+        laws, prefix_probs = [], torch.ones(1, dtype=torch.float64)
+        for logits in target_logits:
+            conditional = logits_to_probs(logits, *sampling_tensors([params] * len(logits))).double()
+            joint = prefix_probs[:, None] * conditional  # [prefixes, vocab]
+            laws.append(joint.sum(0))
+            prefix_probs = joint.reshape(-1)
+        return laws
+
+    @staticmethod
+    def p_values(tokens, laws: list, eps: float, alpha: float, min_power: float) -> list[float]:
+        """``tokens`` [rows, positions]: the p-value of each output position against its exact law, after
+        asserting that the test has ``min_power`` against a law ``eps`` away in total variation."""
+        import torch
+
+        from verl_efficientrollout.stats import chi2_goodness_of_fit, chi2_power
+
+        out = []
+        for position, law in enumerate(laws):
+            counts = torch.bincount(tokens[:, position], minlength=len(law)).tolist()
+            test = chi2_goodness_of_fit(counts, law.tolist())
+            power = chi2_power(test.dof, 4 * len(tokens) * (eps - test.pooled_mass) ** 2, alpha)
+            assert power >= min_power, (position, power)
+            out.append(test.p_value)
+        return out
+
+
+@pytest.fixture(scope="session")
+def exact_law() -> type[ExactLaw]:
+    return ExactLaw

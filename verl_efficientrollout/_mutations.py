@@ -1,8 +1,11 @@
 """Known bugs the fidelity tests must catch, injected on request (tests only).
 
-``VERL_EFFICIENTROLLOUT_INJECT_BUG=<name>`` makes the native engine's speculative step commit that bug,
-so a test can show that the engine-level exact-law tests reject it (``tests/engine/test_exact_law.py``).
-Unset (always, outside those tests) it changes nothing. Read at call time: nothing happens at import.
+``VERL_EFFICIENTROLLOUT_INJECT_BUG=<name>`` makes the native engine's speculative step commit that bug
+(``rejection.rejection_sample``, ``engine.native``), and vLLM's verify step where our drafter meets vLLM's
+verifier (``vllm_backend.selfspec``; set in vLLM's worker by its ``efficient_inject_bug``), so a test can
+show that the engine-level exact-law tests reject it (``tests/engine/test_exact_law.py``,
+``tests/vllm_backend/test_vllm_exact_law.py``). Unset (always, outside those tests) it changes nothing.
+Read at call time: nothing happens at import.
 """
 
 from __future__ import annotations

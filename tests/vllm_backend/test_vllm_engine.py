@@ -116,6 +116,49 @@ def test_refreshed_drafter_recovers_acceptance_after_a_policy_update(speculative
     assert refreshed > stale + 0.05, (refreshed, stale)
 
 
+def test_the_draft_model_route_is_greedy_identical_and_its_drafter_reloads_with_the_weights(
+        plain, model_dir, prompts, original_weights, vllm_config):
+    """vLLM's draft_model route (the bench's comparison mode and the fallback for models the self-drafter
+    cannot serve) end to end: greedy tokens equal plain vLLM's before and after a policy update, and the
+    update re-quantizes its drafter: sampled acceptance recovers from the stale drafter's (the policy
+    updates of the self-drafter's test above)."""
+    from dataclasses import replace
+
+    from verl_efficientrollout.vllm_backend.engine import VLLMEngine
+
+    config = vllm_config(preset="sd-always", gamma=GAMMA)
+    engine = VLLMEngine(model_dir, replace(config, vllm=replace(config.vllm, proposer="draft-model")))
+    base = policy_update(original_weights, 0.1, seed=1, embeddings=True)
+    update = policy_update(base, 0.25, seed=2, embeddings=True)
+    greedy = [Request(p, 24, SamplingParams(0.0)) for p in prompts]
+    sampled = [Request(p, 24, SamplingParams(1.0)) for p in prompts]
+
+    def tokens(target) -> list[list[int]]:
+        return [o.token_ids for o in target.generate(greedy).outputs]
+
+    def acceptance() -> float:
+        result = engine.generate(sampled, seed=1)
+        return sum(result.accepted_per_position) / sum(result.drafted_per_position)
+
+    try:
+        assert engine.proposer == "draft-model"
+        before = tokens(engine)
+        assert before == tokens(plain)
+        engine.update_weights(base.items())
+        engine.update_weights(update.items(), refresh_drafter=False)  # the target alone: the drafter goes stale
+        stale = acceptance()
+        engine.update_weights(update.items())
+        assert engine.drafter_build_seconds > 0
+        refreshed, after = acceptance(), tokens(engine)
+        plain.update_weights(update.items())
+        reference = tokens(plain)
+    finally:
+        engine.close()
+        plain.update_weights(original_weights.items())
+    assert after == reference != before
+    assert refreshed > stale + 0.05, (refreshed, stale)
+
+
 def test_our_controller_in_vllms_scheduler_sets_k_from_the_measured_acceptance(model_dir, prompts, vllm_config):
     """Adaptive gamma inside vLLM's scheduler: long drafts while the drafter is accepted, short
     ones once it goes stale (a large policy update applied to the target only)."""

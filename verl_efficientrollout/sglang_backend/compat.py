@@ -144,3 +144,15 @@ def shutdown_engine(engine) -> None:
     for process in processes:
         if process.pid is not None and process.is_alive():
             kill_process_tree(process.pid, include_parent=True, wait_timeout=60)
+
+
+def received_output_tokens(engine, rids) -> int:
+    """Output tokens SGLang's tokenizer manager has received so far for the running requests ``rids``
+    (``tokenizer_manager.rid_to_state[rid].output_ids``). A request that does not stream reports every
+    ``SGLANG_FORCE_STREAM_INTERVAL`` tokens (50 by default), so this counts in such steps."""
+    sglang_version()
+    states = getattr(engine.tokenizer_manager, "rid_to_state", None)
+    if states is None:
+        raise RuntimeError("SGLang's TokenizerManager has no rid_to_state: update "
+                           "verl_efficientrollout.sglang_backend.compat.received_output_tokens for this version")
+    return sum(len(getattr(states.get(rid), "output_ids", None) or ()) for rid in list(rids))  # any thread

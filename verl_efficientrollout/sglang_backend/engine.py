@@ -32,7 +32,7 @@ from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutResult, add_into, prompt_error, triage
 from verl_efficientrollout.engine.weights import collect_weight_update, served_weight_shapes
 from verl_efficientrollout.sglang_backend.compat import (
-    check_cpu_engine, platform_env, platform_server_args, sglang_version, shutdown_engine,
+    check_cpu_engine, platform_env, platform_server_args, received_output_tokens, sglang_version, shutdown_engine,
 )
 from verl_efficientrollout.sglang_backend.plugin import REPORT_ENV
 
@@ -119,6 +119,7 @@ class SGLangEngine:
                 self.drafter_version = 0
             self.drafter_build_seconds = sum(r["seconds"] for r in built) if built else None
         self._calls = 0
+        self._running: list[str] = []  # the rids of the generate call in flight
 
     def _call(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the engine's own thread (where SGLang's event loop lives)."""
@@ -177,6 +178,7 @@ class SGLangEngine:
             return {"temperature": r.sampling.temperature, "top_k": r.sampling.top_k or -1, "top_p": r.sampling.top_p,
                     "max_new_tokens": r.max_new_tokens, "sampling_seed": seed * 1_000_003 + i}
 
+        self._running = list(rids)
         tasks = [asyncio.ensure_future(self.engine.async_generate(
             input_ids=list(requests[i].prompt_ids), sampling_params=params(i), rid=rid,
             return_logprob=requests[i].logprobs)) for i, rid in zip(valid, rids)]
@@ -189,6 +191,11 @@ class SGLangEngine:
                     break
                 await asyncio.sleep(0.01)
         return list(await asyncio.gather(*tasks))
+
+    def tokens_so_far(self) -> int:
+        """Output tokens SGLang has reported for the current ``generate`` call's requests (in steps of
+        SGLang's forced stream interval, 50 tokens): what an abort would hand back at least."""
+        return received_output_tokens(self.engine, self._running)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Load new weights into the target and the drafter (re-quantized from the same tensors).

@@ -452,3 +452,19 @@ def pause_generation_kwargs(pause_generation, kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     kwargs["mode"] = "wait" if kwargs.pop("wait_for_inflight_requests") else "abort"
     return kwargs
+
+
+def verify_drafts(runner, logits, metadata, mutate):
+    """The speculative branch of vLLM's ``GPUModelRunner._sample`` (0.32: the sampling metadata, the draft
+    probabilities cached by request, the rejection sampler), with ``mutate(draft_probs, logits,
+    sampling_metadata)`` applied to its inputs first. For the injected-bug tests only (``_mutations``):
+    async scheduling's draft-token refresh is not replicated."""
+    vllm_version()
+    for name in ("input_batch", "rejection_sampler", "_get_spec_decode_draft_probs"):
+        if not hasattr(runner, name):
+            raise RuntimeError(f"vLLM's model runner has no {name}: update "
+                               "verl_efficientrollout.vllm_backend.compat.verify_drafts for this version")
+    sampling = runner.input_batch.sampling_metadata
+    runner.input_batch.update_async_output_token_ids()
+    draft_probs, logits, sampling = mutate(runner._get_spec_decode_draft_probs(metadata), logits, sampling)
+    return runner.rejection_sampler(metadata, draft_probs, logits, sampling)

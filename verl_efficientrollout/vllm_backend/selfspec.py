@@ -39,6 +39,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from verl_efficientrollout._mutations import injected_bug
 from verl_efficientrollout.config import DrafterConfig
 from verl_efficientrollout.drafter import activation_dtype, linear_in_dtype, tensor_bytes, torchao_config
 from verl_efficientrollout.vllm_backend import compat
@@ -455,6 +456,8 @@ class SelfSpecRunnerMixin:
         plain vLLM at temperature 1. With no drafts both sample the target's distribution."""
         if spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0:
             spec_decode_metadata = None
+        if spec_decode_metadata is not None and (bug := injected_bug()):  # tests only (``_mutations``)
+            return _sample_with_bug(self, bug, logits, spec_decode_metadata)
         return super()._sample(logits, spec_decode_metadata)  # type: ignore[misc]
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
@@ -464,3 +467,31 @@ class SelfSpecRunnerMixin:
             self._draft_prob_req_ids = None
             return torch.empty(self.input_batch.num_reqs, 0, dtype=torch.int64, device=self.device)
         return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)  # type: ignore[misc]
+
+
+def _sample_with_bug(runner, bug: str, logits: torch.Tensor, metadata) -> object:
+    """vLLM's speculative ``_sample`` (``compat.verify_drafts``) with one of ``_mutations.BUGS`` injected
+    where our drafter meets vLLM's verifier, so that the exact-law tests can show they catch it:
+    ``no-residual``: the verifier gets each draft law with only the drafted token's probability, so its
+    residual is the target's law (less that token); ``residual-of-next-draft``: it gets the next draft
+    position's law; ``temperature-twice``: the target's logits divided by the temperature before vLLM
+    divides them again; ``top-p-draft-only``: the verifier samples without the requests' top-p."""
+    from dataclasses import replace
+
+    def mutate(draft_probs, logits, sampling):  # draft_probs [drafts, vocab], logits [drafts + requests, vocab]
+        counts = torch.tensor(metadata.num_draft_tokens, device=logits.device)
+        if bug == "no-residual" and draft_probs is not None:
+            drafted = metadata.draft_token_ids[:, None]  # [drafts, 1]
+            draft_probs = torch.zeros_like(draft_probs).scatter_(-1, drafted, draft_probs.gather(-1, drafted))
+        elif bug == "residual-of-next-draft" and draft_probs is not None:
+            index = torch.arange(len(draft_probs), device=logits.device)
+            last = torch.cumsum(counts, 0).repeat_interleave(counts) - 1  # [drafts] each request's last draft
+            draft_probs = draft_probs[torch.minimum(index + 1, last)]
+        elif bug == "temperature-twice" and sampling.temperature is not None:
+            per_row = sampling.temperature.repeat_interleave(counts + 1)  # a request's drafts, then its bonus
+            logits = logits / torch.where(per_row > 0, per_row, 1.0)[:, None]
+        elif bug == "top-p-draft-only":
+            sampling = replace(sampling, top_p=None)
+        return draft_probs, logits, sampling
+
+    return compat.verify_drafts(runner, logits, metadata, mutate)

@@ -108,6 +108,21 @@ class EfficientWorkerExtension:
                 "lm_head_is_embedding": own.model.lm_head.weight is own.model.model.embed_tokens.weight,
                 "target_lm_head_is_embedding": target.lm_head.weight is target.model.embed_tokens.weight}
 
+    def efficient_inject_bug(self, bug: str) -> str:
+        """Tests only: make this worker's speculative steps commit one of ``_mutations.BUGS`` ("" for none);
+        returns the bug now injected."""
+        import os
+
+        from verl_efficientrollout._mutations import BUGS, ENV, injected_bug
+
+        if bug and bug not in BUGS:
+            raise ValueError(f"efficient_inject_bug: bug must be one of {', '.join(BUGS)} (or ''), got {bug!r}")
+        if bug:
+            os.environ[ENV] = bug
+        else:
+            os.environ.pop(ENV, None)
+        return injected_bug()
+
     def efficient_describe(self) -> dict:
         """Type of one decoder linear's weight in the target and in the drafter (int4 check)."""
         def weight_type(model):
