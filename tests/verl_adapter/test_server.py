@@ -119,7 +119,10 @@ def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, defaul
     decoding = threading.Event()  # set once the engine has polled for an abort before its 4th decode step
     generate = engine.generate
 
+    batches = []  # the batches the engine was given
+
     def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
+        batches.append([r.request_id for r in requests])
         polls = itertools.count(1)
 
         def poll():
@@ -142,8 +145,9 @@ def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, defaul
         aborted = await running
         waiting = asyncio.ensure_future(server.generate(prompt_ids=prompt, sampling_params={"max_tokens": 3},
                                                         request_id="b"))
-        await asyncio.sleep(0.2)
-        assert not waiting.done()  # parked until resume
+        for _ in range(20):  # turns of the event loop, not time: a request let in is queued within one
+            await asyncio.sleep(0)
+        assert not waiting.done() and not server._queue and len(batches) == 1  # parked at admission
         await server.resume_generation()
         return aborted, await waiting
 
