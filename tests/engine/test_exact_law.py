@@ -8,7 +8,7 @@ tokens 2-4 are draft positions of the first round and token 5 is its bonus token
 next round after a rejection), so every draft position and the bonus token are checked.
 
 Each check is Pearson's chi-square test of ``ROWS`` sampled tokens against the exact law, at level
-``ALPHA`` (30 checks in a run: family-wise false-alarm rate 3e-4). Power, from ``stats.chi2_power``: a
+``ALPHA`` (40 checks in a run, 8 tests of 5 positions: family-wise false-alarm rate 4e-4). Power, from ``stats.chi2_power``: a
 law at total variation ``eps`` from the exact one gives the statistic a noncentrality of at least
 ``4 * ROWS * eps^2`` (Cauchy-Schwarz); with ``ROWS = 2^17``, ``eps = 0.02`` less the pooled categories'
 mass (< 0.002) and at most 31 degrees of freedom that is >= 170, and the power at level 1e-5 is > 0.999.
@@ -125,8 +125,8 @@ def test_the_padded_decode_path_follows_the_exact_law_too(tiny_model, target_log
 @pytest.mark.parametrize("bug, setting", MUTATIONS)
 def test_each_injected_bug_is_rejected(engine, target_logits, bug, setting, monkeypatch, exact_law):
     """The mutation check: with the bug injected, some output position fails its exact law. On
-    ``MUTATION_ROWS`` rows: these bugs move a law by far more than ``EPS`` (at 2^17 rows the smallest
-    p-value of each was below 1e-300), so an eighth of the rows rejects them at the same level."""
+    ``MUTATION_ROWS`` rows: these bugs move a law by far more than ``EPS`` (at 2^17 rows, in the 8 pairs
+    measured, the smallest p-value was below 1e-300), so an eighth of the rows rejects them at the same level."""
     monkeypatch.setenv(ENV, bug)
     values = p_values(engine, target_logits, SETTINGS[setting], 2, exact_law, MUTATION_ROWS, 0.0)
     assert min(values) < ALPHA, values
