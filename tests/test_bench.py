@@ -47,7 +47,7 @@ def test_auto_dtype_is_left_to_the_native_engine_to_measure_and_is_bfloat16_for_
 def test_the_default_workload_is_grpo_and_each_workload_brings_its_own_size_cap_and_sampling():
     grpo = BenchConfig()
     assert (grpo.workload, grpo.prompts, grpo.samples, grpo.max_new_tokens, grpo.temperature, grpo.top_p,
-            grpo.repeats) == ("grpo", 4, 4, 1024, 1.0, 0.9, 1)
+            grpo.repeats) == ("grpo", 8, 2, 1024, 1.0, 0.9, 1)
     old = BenchConfig(workload="math")
     assert (old.prompts, old.samples, old.max_new_tokens, old.temperature, old.top_p, old.repeats) == (
         4, 4, 256, 1.0, 1.0, 2)
