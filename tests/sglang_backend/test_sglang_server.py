@@ -6,6 +6,7 @@ server's engine-facing calls are what verl's agent loop and weight sender drive 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -64,15 +65,29 @@ def test_concurrent_calls_decode_as_one_sglang_batch_and_a_weight_update_is_all_
 
 
 def test_abort_ends_a_running_sglang_batch_with_the_tokens_so_far_and_serving_resumes(server, prompts, run,
-                                                                                      verl_calls):
+                                                                                      verl_calls, monkeypatch):
     cap = 400
+    engine, reported = server.engine, threading.Event()  # set once SGLang has reported tokens
+    generate = engine.generate
+
+    def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
+        def poll():  # the engine polls between its checks of SGLang's progress
+            if engine.tokens_so_far():
+                reported.set()
+            return should_abort()
+
+        try:
+            return generate(requests, seed, controller, poll)
+        finally:
+            reported.set()  # a batch that ended first fails the assertions below instead of hanging
+
+    monkeypatch.setattr(engine, "generate", generate_and_signal)
 
     async def scenario():
         long = [Request(p, cap, SamplingParams(0.0), request_id=f"long-{i}") for i, p in enumerate(prompts)]
         running = [asyncio.create_task(server.submit(r)) for r in long]
         # Observed progress: SGLang's first reported tokens (greedy, so no row ends first by chance).
-        while not server.engine.tokens_so_far() and not all(task.done() for task in running):
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(reported.wait)
         await server.abort_all_requests()
         aborted = await asyncio.gather(*running)
         await server.resume_generation()
