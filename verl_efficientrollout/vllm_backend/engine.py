@@ -12,9 +12,12 @@ and takes the draft_model route. How the controller config maps onto vLLM:
 
 * toggle ``off``: plain vLLM, no speculative config (the baseline);
 * toggle ``always`` with a fixed gamma: K = gamma every step;
-* toggle ``threshold``: vLLM's own dynamic table, K = gamma up to the batch-size threshold, 0 above;
-* anything else (``roofline``, ``paper``, adaptive or ladder gamma): our ``Controller`` inside
-  vLLM's scheduler (``scheduler.EfficientScheduler``) sets K every step.
+* anything else (``threshold``, ``roofline``, ``paper``, adaptive or ladder gamma): our ``Controller``
+  inside vLLM's scheduler (``scheduler.EfficientScheduler``) sets K every step. Not vLLM's own
+  batch-size table (``num_speculative_tokens_per_batch_size``) for ``threshold``: with it vLLM's V1
+  runner switches the whole engine's CUDA graphs to piecewise (0.32, ``VllmConfig
+  ._maybe_override_dynamic_sd_cudagraph_mode``); our scheduler writes the same per-step K into vLLM's
+  dynamic lookup without that override.
 
 Weights: ``update_weights`` (this standalone engine's route, used by the benchmarks and tests;
 verl's server syncs through verl's own path, ``verl_worker``) reloads the target in place, the
@@ -41,7 +44,8 @@ from verl_efficientrollout.engine.base import Request, RequestOutput, RolloutRes
 from verl_efficientrollout.controller import per_position_counts
 from verl_efficientrollout.engine.weights import collect_weight_update, served_weight_shapes
 from verl_efficientrollout.vllm_backend.compat import (
-    platform_engine_args, platform_env, run_requests, self_spec_unsupported, self_spec_worker_qualname, shutdown_llm,
+    is_vllm_cpu_build, platform_engine_args, platform_env, run_requests, self_spec_unsupported,
+    self_spec_worker_qualname, shutdown_llm,
     spec_decode_counters, supported_engine_args, vllm_version,
 )
 
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "verl_efficientrollout.vllm_backend.worker.EfficientWorkerExtension"
 SCHEDULER = "verl_efficientrollout.vllm_backend.scheduler.EfficientScheduler"
+EXECUTOR = "verl_efficientrollout.vllm_backend.executor.EfficientMultiprocExecutor"  # executor.QUALNAME
 SUPPORTED_TOGGLES = ("off", "always", "threshold", "roofline", "paper")
 
 
@@ -64,16 +69,21 @@ def engine_args(model: str, config: EfficientRolloutConfig, seed: int = 0,
         enforce_eager=v.enforce_eager, seed=seed, worker_extension_cls=WORKER_EXTENSION,
         **platform_engine_args(v.max_model_len, v.gpu_memory_utilization),
     )
-    args.update(speculation_args(model, config, proposer or v.proposer, calibration))
+    multiprocess = is_vllm_cpu_build() or int(v.llm_args.get("tensor_parallel_size") or 1) > 1
+    args.update(speculation_args(model, config, proposer or v.proposer, calibration,
+                                 executor=v.llm_args.get("distributed_executor_backend") or
+                                 ("mp" if multiprocess else "uni")))
     return {**args, **v.llm_args}
 
 
 def speculation_args(model: str, config: EfficientRolloutConfig, proposer: str = "self",
-                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                     calibration: dict[str, Any] | None = None, executor: str = "mp") -> dict[str, Any]:
     """The vLLM engine arguments that add our parts to a plain engine (pure): ``speculative_config``
     (the drafter route, the draft length), ``worker_cls`` (the self-drafter's runner),
-    ``scheduler_cls`` (our controller deciding K every step) and ``additional_config["efficient"]``
-    (what those read), plus per-request spec-decode metrics. Empty for toggle ``off``. Shared by
+    ``scheduler_cls`` (our controller deciding K every step), ``additional_config["efficient"]``
+    (what those read), per-request spec-decode metrics, and, where the engine would run vLLM's
+    multiprocess executor (``executor`` "mp"), its subclass that spares a K = 0 step the draft
+    round trip (``executor.EfficientMultiprocExecutor``). Empty for toggle ``off``. Shared by
     ``VLLMEngine`` and verl's own vLLM server (``verl_adapter.vllm_rollout``)."""
     controller, v = config.controller, config.vllm
     if controller.toggle not in SUPPORTED_TOGGLES:
@@ -82,7 +92,7 @@ def speculation_args(model: str, config: EfficientRolloutConfig, proposer: str =
     if controller.toggle == "off":
         return {}
     args: dict[str, Any] = {"per_request_spec_decode_metrics": "detailed"}  # per-step counts per request (>= 0.32)
-    by_scheduler = controller.toggle in ("roofline", "paper") or controller.draft_length != "fixed"
+    by_scheduler = controller.toggle in ("threshold", "roofline", "paper") or controller.draft_length != "fixed"
     speculative: dict[str, Any] = {
         "method": "draft_model", "model": model,
         "num_speculative_tokens": {"fixed": controller.gamma, "adaptive": controller.gamma_max,
@@ -92,6 +102,8 @@ def speculation_args(model: str, config: EfficientRolloutConfig, proposer: str =
     extra: dict[str, Any] = {}
     if proposer == "self":  # our worker's runner drafts with the int4 view of the target
         args["worker_cls"] = self_spec_worker_qualname()
+        if executor == "mp":
+            args["distributed_executor_backend"] = EXECUTOR
         args["async_scheduling"] = False
         extra["drafter"] = {"recipe": config.drafter.recipe, "group_size": config.drafter.group_size}
     else:  # vLLM's draft model, quantized online by our plugin's method
@@ -104,12 +116,6 @@ def speculation_args(model: str, config: EfficientRolloutConfig, proposer: str =
         extra["structure"] = "native" if proposer == "self" else "draft-model"
         if calibration is not None:
             extra["calibration"] = dict(calibration)
-    elif controller.toggle == "threshold":
-        n = controller.threshold_batch_size
-        table = [(1, max(n, 1), controller.gamma if n >= 1 else 0)]
-        if n < v.max_num_seqs:
-            table.append((max(n, 1) + 1, v.max_num_seqs, 0))
-        speculative["num_speculative_tokens_per_batch_size"] = table
     args["speculative_config"] = speculative
     if extra:
         args["additional_config"] = {"efficient": extra}

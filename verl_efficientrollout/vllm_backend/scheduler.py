@@ -72,6 +72,7 @@ class EfficientScheduler(_Base):  # type: ignore[misc, valid-type]
         self._observe(*self._timer.finished(now, ids))
         if not running:
             self._step = 0  # idle: the next requests start a new rollout
+            self.dynamic_sd_lookup[1:] = [0] * (len(self.dynamic_sd_lookup) - 1)  # their prefill: K = 0
             self._timer.reset()
             if self.calibration is not None:
                 self.calibration.reset()

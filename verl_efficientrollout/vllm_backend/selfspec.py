@@ -303,7 +303,8 @@ class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
         self.disabled: str | None = None  # why this engine decodes plain until the next successful rebuild
         self.weights_version = 0
         self.check_writes = os.environ.get(CHECK_WRITES_ENV) == "1"
-        self.counts = {"forwards": 0, "tokens": 0, "checked_writes": 0, "writes_below_committed": 0}
+        self.counts = {"forwards": 0, "tokens": 0, "checked_writes": 0, "writes_below_committed": 0,
+                       "plain_steps": 0, "speculative_steps": 0}  # steps by the path they took (the runner's)
         self.target: nn.Module | None = None
 
     # ------------------------------------------------------------ model and attention wiring
@@ -442,12 +443,28 @@ class SelfSpecProposer(_ProposerBase):  # type: ignore[misc, valid-type]
 
 class SelfSpecRunnerMixin:
     """Mixed into vLLM's V1 model runner (CPU or GPU): our proposer instead of vLLM's draft model,
-    and no drafter work at all on a step scheduled with K = 0 (or while the drafter is off)."""
+    and plain vLLM's step wherever a step verifies no drafts and proposes none (K = 0 scheduled, or
+    the drafter off): ``compat.plain_step`` runs it with no speculative config, so it builds no
+    speculative metadata, calls no rejection sampler or proposer and hands no drafts back."""
 
     def __init__(self, vllm_config, device) -> None:
         super().__init__(vllm_config, device)  # type: ignore[call-arg]
+        self._plain_step = False
         if getattr(self, "drafter", None) is not None:  # built by vLLM for method draft_model: never loaded
             self.drafter = SelfSpecProposer(vllm_config, self.device, self)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        drafter = getattr(self, "drafter", None)
+        self._plain_step = drafter is not None and compat.is_plain_step(scheduler_output, drafter.model is not None)
+        if drafter is not None and scheduler_output.total_num_scheduled_tokens:
+            drafter.counts["plain_steps" if self._plain_step else "speculative_steps"] += 1
+        with compat.plain_step(self, self._plain_step):
+            return super().execute_model(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+
+    def sample_tokens(self, *args, **kwargs):
+        plain, self._plain_step = self._plain_step, False
+        with compat.plain_step(self, plain):
+            return super().sample_tokens(*args, **kwargs)  # type: ignore[misc]
 
     def _sample(self, logits, spec_decode_metadata):
         """A step without drafts samples with vLLM's plain sampler. vLLM builds speculative metadata

@@ -7,6 +7,18 @@ from __future__ import annotations
 import contextlib
 import time
 
+_PROFILER_ATTR = "_efficient_profiler"
+
+
+def function_key(path: str, line: int, name: str) -> str:
+    """``cProfile``'s function key as a path below site-packages (or this package), ``:line(name)``;
+    builtins by name."""
+    for marker in ("site-packages/", "verl_efficientrollout/"):
+        if marker in path:
+            path = (marker if marker != "site-packages/" else "") + path.split(marker, 1)[1]
+            break
+    return f"{path}:{line}({name})" if line else name
+
 
 def _self_drafter(worker):
     """Our ``SelfSpecProposer`` when this worker drafts with the self-drafter, else None."""
@@ -107,6 +119,30 @@ class EfficientWorkerExtension:
         return {"shared": shared, "owned": owned, "kv_tensors": len(self.model_runner.kv_caches),
                 "lm_head_is_embedding": own.model.lm_head.weight is own.model.model.embed_tokens.weight,
                 "target_lm_head_is_embedding": target.lm_head.weight is target.model.embed_tokens.weight}
+
+    def efficient_profile_calls(self, start: bool) -> dict | None:
+        """Diagnosis (``examples/vllm_k0_profile.py``, the K = 0 test): ``True`` starts ``cProfile`` on
+        the thread that serves this RPC, the one that runs this worker's model runner (with vLLM's
+        multiprocess executor the scheduler runs in another process, unseen; with the in-process one it
+        is seen too); ``False`` stops it and returns ``{function: [calls, own s, cumulative s]}``
+        (``function_key``) of what ran in between."""
+        import cProfile
+        import pstats
+
+        profiler = getattr(self, _PROFILER_ATTR, None)
+        if start:
+            if profiler is not None:
+                profiler.disable()
+            profiler = cProfile.Profile()
+            setattr(self, _PROFILER_ATTR, profiler)
+            profiler.enable()
+            return None
+        if profiler is None:
+            raise RuntimeError("efficient_profile_calls(False) without a running profile: call it with True first")
+        profiler.disable()
+        setattr(self, _PROFILER_ATTR, None)
+        return {function_key(*func): [calls, own, cum]
+                for func, (_, calls, own, cum, _) in pstats.Stats(profiler).stats.items()}
 
     def efficient_inject_bug(self, bug: str) -> str:
         """Tests only: make this worker's speculative steps commit one of ``_mutations.BUGS`` ("" for none);
