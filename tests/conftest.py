@@ -76,6 +76,36 @@ async def _send_weights(server, weights: dict, global_steps: int) -> dict:
     return await server.commit_weights(global_steps)
 
 
+@pytest.fixture
+def signal_on_progress(monkeypatch):
+    """``signal_on_progress(engine, progress) -> threading.Event``: ``engine.generate`` wrapped so that
+    its abort poll sets the event once ``progress(requests)()`` (built per batch) says the batch has
+    made progress: abort tests trigger on observed progress, never after a sleep. A batch that ends
+    first sets it too, so the test's assertions fail instead of hanging."""
+    import threading
+
+    def wrap(engine, progress) -> threading.Event:
+        event, generate = threading.Event(), engine.generate
+
+        def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
+            progressed = progress(requests)
+
+            def poll():
+                if progressed():
+                    event.set()
+                return should_abort()
+
+            try:
+                return generate(requests, seed, controller, poll)
+            finally:
+                event.set()
+
+        monkeypatch.setattr(engine, "generate", generate_and_signal)
+        return event
+
+    return wrap
+
+
 @pytest.fixture(scope="session")
 def verl_calls():
     """``verl_calls.serve(server, requests)`` and ``verl_calls.send_weights(server, weights, global_steps)``:

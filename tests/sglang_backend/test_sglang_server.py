@@ -6,7 +6,6 @@ server's engine-facing calls are what verl's agent loop and weight sender drive 
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 
@@ -65,23 +64,11 @@ def test_concurrent_calls_decode_as_one_sglang_batch_and_a_weight_update_is_all_
 
 
 def test_abort_ends_a_running_sglang_batch_with_the_tokens_so_far_and_serving_resumes(server, prompts, run,
-                                                                                      verl_calls, monkeypatch):
+                                                                                      verl_calls, signal_on_progress):
     cap = 400
-    engine, reported = server.engine, threading.Event()  # set once SGLang has reported tokens
-    generate = engine.generate
-
-    def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
-        def poll():  # the engine polls between its checks of SGLang's progress
-            if engine.tokens_so_far():
-                reported.set()
-            return should_abort()
-
-        try:
-            return generate(requests, seed, controller, poll)
-        finally:
-            reported.set()  # a batch that ended first fails the assertions below instead of hanging
-
-    monkeypatch.setattr(engine, "generate", generate_and_signal)
+    engine = server.engine
+    # Set once SGLang has reported tokens (the engine polls between its checks of SGLang's progress).
+    reported = signal_on_progress(engine, lambda requests: engine.tokens_so_far)
 
     async def scenario():
         long = [Request(p, cap, SamplingParams(0.0), request_id=f"long-{i}") for i, p in enumerate(prompts)]

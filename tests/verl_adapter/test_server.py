@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 
 import pytest
 import torch
@@ -111,31 +110,19 @@ def test_prompt_longer_than_the_context_fails_alone(engine, default_model_dir, m
 
 
 def test_abort_ends_running_requests_and_new_ones_wait_for_resume(engine, default_model_dir, make_settings,
-                                                                   chat_prompts, monkeypatch):
+                                                                   chat_prompts, signal_on_progress):
     server = EfficientServer(make_settings(default_model_dir, response_length=400), engine=engine)
     prompt = chat_prompts(1)[0]
     # Greedy: the answer ends where it ends (far beyond the few steps before the abort), not by chance.
     params = {"temperature": 0.0, "max_tokens": 400}
-    decoding = threading.Event()  # set once the engine has polled for an abort before its 4th decode step
-    generate = engine.generate
-
     batches = []  # the batches the engine was given
 
-    def generate_and_signal(requests, seed=0, controller=None, should_abort=None):
+    def progress(requests):  # progress: the engine polled for an abort before its 4th decode step
         batches.append([r.request_id for r in requests])
         polls = itertools.count(1)
+        return lambda: next(polls) > 3
 
-        def poll():
-            if next(polls) > 3:
-                decoding.set()
-            return should_abort()
-
-        try:
-            return generate(requests, seed, controller, poll)
-        finally:
-            decoding.set()  # a batch that ended first fails the assertions below instead of hanging
-
-    monkeypatch.setattr(engine, "generate", generate_and_signal)
+    decoding = signal_on_progress(engine, progress)
 
     async def calls():
         running = asyncio.ensure_future(
