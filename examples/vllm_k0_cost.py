@@ -72,6 +72,7 @@ def main() -> None:
               args.prompt_tokens, "repeats": args.repeats, "rounds": rounds, "dtype": args.dtype, "engines": {}}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     seconds = {(name, batch): [] for name in chosen for batch in batches}
+    by_round = {(name, batch): [[] for _ in range(rounds)] for name in chosen for batch in batches}
     forwards = {name: {batch: [0, 0] for batch in batches} for name in chosen}
     with tqdm(total=rounds * len(chosen), desc="engines") as progress:
         for round_ in range(rounds):
@@ -90,6 +91,7 @@ def main() -> None:
                             start = time.perf_counter()
                             run_requests(engine.llm, prompts[:batch], [params] * batch)
                             seconds[name, batch].append(time.perf_counter() - start)
+                            by_round[name, batch][round_].append(seconds[name, batch][-1])
                             after = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
                             forwards[name][batch][0] += after["forwards"] - before["forwards"]
                             forwards[name][batch][1] += after["tokens"] - before["tokens"]
@@ -106,6 +108,7 @@ def main() -> None:
     for name in chosen:
         report["engines"][name]["batches"] = {
             batch: {"seconds": statistics.median(seconds[name, batch]), "all_seconds": seconds[name, batch],
+                    "round_seconds": [statistics.median(r) for r in by_round[name, batch]],
                     "drafter_forwards": forwards[name][batch][0] / timed,
                     "drafter_tokens": forwards[name][batch][1] / timed} for batch in batches}
     print(format_report(report))
@@ -115,6 +118,14 @@ def main() -> None:
 
 def _rotated(names: list[str], repeat: int) -> list[str]:
     return names[repeat % len(names):] + names[: repeat % len(names)]
+
+
+def _process_spread(row: dict, plain: dict) -> str:
+    """Min-max over rounds of (this engine process's median / the same round's plain process's median)."""
+    if "round_seconds" not in row:  # reports written before the per-round medians were kept
+        return ""
+    ratios = [s / p for s, p in zip(row["round_seconds"], plain["round_seconds"])]
+    return f" ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def format_report(report: dict) -> str:
@@ -128,15 +139,17 @@ def format_report(report: dict) -> str:
     for name, e in engines.items():
         share = "-" if not e["drafter_bytes"] else f"{e['drafter_bytes'] / e['target_bytes']:.3f}"
         lines.append(f"| {name} | {e['kv_tokens']} | {share} |")
-    lines += ["", "| rows | plain s | " + " | ".join(f"{name} s | / plain | drafter forwards" for name in others) + " |",
-              "| --- | --- |" + " --- | --- | --- |" * len(others)]
+    lines += ["", "| rows | plain s | " + " | ".join(f"{name} s | / plain (per-process min-max) | extra ms per step | "
+                                                  "drafter forwards" for name in others) + " |",
+              "| --- | --- |" + " --- | --- | --- | --- |" * len(others)]
 
     def spread(row) -> str:
         return f"{row['seconds']:.2f} ({min(row['all_seconds']):.2f}-{max(row['all_seconds']):.2f})"
 
     for batch in plain["batches"]:
         p = plain["batches"][batch]
-        cells = [f"{spread(o)} | {o['seconds'] / p['seconds']:.3f} | {o['drafter_forwards']:.0f}"
+        cells = [f"{spread(o)} | {o['seconds'] / p['seconds']:.3f}{_process_spread(o, p)} | "
+                 f"{(o['seconds'] - p['seconds']) / report['tokens'] * 1000:+.2f} | {o['drafter_forwards']:.0f}"
                  for o in (engines[name]["batches"][batch] for name in others)]
         lines.append(f"| {batch} | {spread(p)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -95,3 +95,49 @@ def test_roofline_and_adaptive_gamma_run_our_controller_in_vllms_scheduler():
 def test_an_unknown_toggle_fails_naming_the_field():
     with pytest.raises(ValueError, match="toggle"):
         config(toggle="sometimes")
+
+
+def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64):
+    """vLLM's own CUDA-graph dispatcher, keyed as the V1 runner keys it on a GPU (FULL_AND_PIECEWISE, the
+    default), for an engine with ``num_speculative_tokens`` (0: plain vLLM). Plain Python: runs on CPU."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    sizes = [1, 2, 4, 8, *range(16, 513, 16)]  # vLLM's default capture sizes
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+                                    cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1],
+                                    splitting_ops=list(CompilationConfig._attention_ops))
+    compilation.adjust_cudagraph_sizes_for_spec_decode(1 + num_speculative_tokens)  # as VllmConfig does
+    vllm_config = SimpleNamespace(compilation_config=compilation, num_speculative_tokens=num_speculative_tokens,
+                                  scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), lora_config=None)
+    dispatcher = CudagraphDispatcher(vllm_config)
+    dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1 + num_speculative_tokens)
+    return dispatcher
+
+
+def _graph(dispatcher, rows: int, query_len: int) -> tuple[str, int]:
+    """The graph a decode-only step of ``rows`` rows, ``query_len`` tokens each, runs in: the runner's own
+    uniform-decode test (``GPUModelRunner._is_uniform_decode``) feeds the dispatcher, as in a real step."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    uniform = GPUModelRunner._is_uniform_decode(query_len, dispatcher.uniform_decode_query_len, rows * query_len, rows)
+    mode, batch = dispatcher.dispatch(rows * query_len, uniform_decode=uniform)
+    return mode.name, batch.num_tokens
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_which_cuda_graph_each_kind_of_step_dispatches_to_is_what_the_vllm_docs_say(rows):
+    """docs/engines/vllm.md, "Which CUDA graph each step uses": plain vLLM's decode step and ours at K = K_max run
+    FULL graphs; ours at K = 0 (or 0 < K < K_max) fall to the piecewise graph. Pinned against vLLM's own
+    dispatcher so a vLLM change that alters it (or closes the gap) fails here, and the docs get rewritten."""
+    pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
+    k_max = engine_args("/m", config(preset="efficient"))["speculative_config"]["num_speculative_tokens"]
+    assert k_max >= 2
+    assert _graph(_dispatcher(0), rows, 1) == ("FULL", rows)  # plain vLLM
+    ours = _dispatcher(k_max)  # capture sizes rounded up to multiples of 1 + K_max
+    assert _graph(ours, rows, 1 + k_max) == ("FULL", rows * (1 + k_max))  # the verify forward is one graph
+    mode, tokens = _graph(ours, rows, 1)  # a K = 0 step: not plain vLLM's FULL graph (open, issue 30) ...
+    assert mode == "PIECEWISE" and tokens % (1 + k_max) == 0 and tokens >= rows  # ... and padded to 1 + K_max
+    assert _graph(ours, rows, k_max)[0] == "PIECEWISE"  # a lower K from adaptive gamma
