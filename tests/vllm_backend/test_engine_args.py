@@ -97,47 +97,138 @@ def test_an_unknown_toggle_fails_naming_the_field():
         config(toggle="sometimes")
 
 
-def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64):
-    """vLLM's own CUDA-graph dispatcher, keyed as the V1 runner keys it on a GPU (FULL_AND_PIECEWISE, the
-    default), for an engine with ``num_speculative_tokens`` (0: plain vLLM). Plain Python: runs on CPU."""
+def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64, ours: bool = False):
+    """A CUDA-graph dispatcher keyed as vLLM's V1 runner keys it on a GPU (FULL_AND_PIECEWISE, the default,
+    with an attention backend that supports FULL graphs for any batch, as FlashAttention 3 does), for an
+    engine with ``num_speculative_tokens`` (0: plain vLLM): vLLM's own, or ours (``ours``). The runner builds
+    it in its ``__init__``, then resolves the mode and rounds the capture sizes up to multiples of 1 + K_max
+    (``resolve_cudagraph_mode_and_sizes``), then keys it. Plain Python: runs on CPU."""
     from types import SimpleNamespace
 
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
 
-    sizes = [1, 2, 4, 8, *range(16, 513, 16)]  # vLLM's default capture sizes
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]  # vLLM's default capture sizes
     compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
                                     cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1],
                                     splitting_ops=list(CompilationConfig._attention_ops))
-    compilation.adjust_cudagraph_sizes_for_spec_decode(1 + num_speculative_tokens)  # as VllmConfig does
     vllm_config = SimpleNamespace(compilation_config=compilation, num_speculative_tokens=num_speculative_tokens,
                                   scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), lora_config=None)
-    dispatcher = CudagraphDispatcher(vllm_config)
-    dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1 + num_speculative_tokens)
+    if ours:
+        from verl_efficientrollout.vllm_backend.graphs import PlainDecodeDispatcher
+        dispatcher = PlainDecodeDispatcher(vllm_config)
+    else:
+        dispatcher = CudagraphDispatcher(vllm_config)
+    mode = compilation.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.ALWAYS, "FLASH_ATTN",
+                                                        1 + num_speculative_tokens)
+    dispatcher.initialize_cudagraph_keys(mode, 1 + num_speculative_tokens)
     return dispatcher
 
 
-def _graph(dispatcher, rows: int, query_len: int) -> tuple[str, int]:
-    """The graph a decode-only step of ``rows`` rows, ``query_len`` tokens each, runs in: the runner's own
-    uniform-decode test (``GPUModelRunner._is_uniform_decode``) feeds the dispatcher, as in a real step."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+class _DispatchingRunner:
+    """What vLLM's V1 runner reads and writes when it picks a step's CUDA graph: its own
+    ``_determine_batch_execution_and_padding`` and ``_is_uniform_decode`` (vLLM's code, run here), and the
+    state around them (``compat.plain_step`` swaps the speculative config and the query length)."""
 
-    uniform = GPUModelRunner._is_uniform_decode(query_len, dispatcher.uniform_decode_query_len, rows * query_len, rows)
-    mode, batch = dispatcher.dispatch(rows * query_len, uniform_decode=uniform)
-    return mode.name, batch.num_tokens
+    def __init__(self, dispatcher, max_num_seqs: int = 64) -> None:
+        from types import SimpleNamespace
+
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        cls = type(self)
+        cls._is_uniform_decode = staticmethod(GPUModelRunner._is_uniform_decode)
+        cls._determine_batch_execution_and_padding = GPUModelRunner._determine_batch_execution_and_padding
+        self.cudagraph_dispatcher = dispatcher
+        self.uniform_decode_query_len = dispatcher.uniform_decode_query_len
+        self.speculative_config = SimpleNamespace() if self.uniform_decode_query_len > 1 else None
+        self.prev_num_spec_tokens = 0
+        self.max_num_seqs = max_num_seqs
+        self.model_config = SimpleNamespace(is_encoder_decoder=False)
+        self.input_batch = SimpleNamespace(lora_id_to_lora_request={})
+        self.parallel_config = SimpleNamespace(data_parallel_size=1, use_ubatching=False)
+        self.vllm_config = SimpleNamespace(parallel_config=self.parallel_config,
+                                           observability_config=SimpleNamespace(cudagraph_metrics=False))
+
+    def step(self, query_lens: list[int], plain: bool = False, **force):
+        """(graph mode, key) of a step whose requests are scheduled ``query_lens`` tokens each, run as a
+        K = 0 step of ours (``compat.plain_step``) where ``plain``."""
+        import numpy as np
+
+        from verl_efficientrollout.vllm_backend import compat
+
+        with compat.plain_step(self, plain):
+            mode, key, *_ = self._determine_batch_execution_and_padding(
+                num_tokens=sum(query_lens), num_reqs=len(query_lens),
+                num_scheduled_tokens_np=np.array(query_lens, dtype=np.int32),
+                max_num_scheduled_tokens=max(query_lens), **force)
+        return mode.name, key
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16])
+def _capturing_runner(dispatcher):
+    """Our runner mixin over the part of vLLM's ``_warmup_and_capture`` -> ``_dummy_run`` that picks the key a
+    graph is captured under (0.32's lines, copied: the request count and query length of the dummy batch,
+    then the runner's own dispatch with ``force_uniform_decode``). Records (mode, key, speculative config)."""
+    from verl_efficientrollout.vllm_backend.selfspec import SelfSpecRunnerMixin
+
+    class _Capture(_DispatchingRunner):
+        def _warmup_and_capture(self, desc, cudagraph_runtime_mode, **kwargs):
+            query_len = self.uniform_decode_query_len if desc.uniform else desc.num_tokens
+            num_reqs = min(self.max_num_seqs, -(-desc.num_tokens // query_len))
+            query_lens = [query_len] * num_reqs
+            if desc.num_tokens % query_len:
+                query_lens[-1] = desc.num_tokens % query_len
+            mode, key = self.step(query_lens, force_uniform_decode=desc.uniform)
+            self.captured.append((mode, key, self.speculative_config is None))
+
+    class Runner(SelfSpecRunnerMixin, _Capture):
+        def __init__(self, dispatcher) -> None:  # not the mixin's: no vLLM runner under it
+            _Capture.__init__(self, dispatcher)
+            self.captured = []
+
+    return Runner(dispatcher)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 64])
 def test_which_cuda_graph_each_kind_of_step_dispatches_to_is_what_the_vllm_docs_say(rows):
-    """docs/engines/vllm.md, "Which CUDA graph each step uses": plain vLLM's decode step and ours at K = K_max run
-    FULL graphs; ours at K = 0 (or 0 < K < K_max) fall to the piecewise graph. Pinned against vLLM's own
-    dispatcher so a vLLM change that alters it (or closes the gap) fails here, and the docs get rewritten."""
+    """docs/engines/vllm.md, "Which CUDA graph each step uses": plain vLLM's decode step and ours at K = 0 run
+    the same FULL graph; ours at K = K_max runs the FULL graph of the verify batch; ours at 0 < K < K_max, and
+    a prefill step of either, the piecewise graph. vLLM's own dispatch code, keyed as on a GPU."""
     pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
     k_max = engine_args("/m", config(preset="efficient"))["speculative_config"]["num_speculative_tokens"]
     assert k_max >= 2
-    assert _graph(_dispatcher(0), rows, 1) == ("FULL", rows)  # plain vLLM
-    ours = _dispatcher(k_max)  # capture sizes rounded up to multiples of 1 + K_max
-    assert _graph(ours, rows, 1 + k_max) == ("FULL", rows * (1 + k_max))  # the verify forward is one graph
-    mode, tokens = _graph(ours, rows, 1)  # a K = 0 step: not plain vLLM's FULL graph (open, issue 30) ...
-    assert mode == "PIECEWISE" and tokens % (1 + k_max) == 0 and tokens >= rows  # ... and padded to 1 + K_max
-    assert _graph(ours, rows, k_max)[0] == "PIECEWISE"  # a lower K from adaptive gamma
+    plain = _DispatchingRunner(_dispatcher(0))
+    ours = _DispatchingRunner(_dispatcher(k_max, ours=True))
+    plain_mode, plain_key = plain.step([1] * rows)
+    assert (plain_mode, plain_key.num_tokens, plain_key.uniform) == ("FULL", rows if rows != 3 else 4, True)
+    assert ours.step([1] * rows, plain=True) == (plain_mode, plain_key)  # a K = 0 step: plain vLLM's graph
+    largest = ours.cudagraph_dispatcher.compilation_config.max_cudagraph_capture_size  # no graph above it
+    verify_mode, verify_key = ours.step([1 + k_max] * rows)  # the verify forward is one graph ...
+    if rows * (1 + k_max) <= largest:
+        assert verify_mode == "FULL" and verify_key.uniform and verify_key.num_reqs >= rows
+        assert verify_key.num_tokens == verify_key.num_reqs * (1 + k_max)
+    else:
+        assert verify_mode == "NONE"  # ... or none: vLLM captures no more tokens than that
+    assert ours.step([k_max] * rows)[0] == ("PIECEWISE" if rows * k_max <= largest else "NONE")  # a lower K
+    prefill = [1] * (rows - 1) + [7]
+    assert ours.step(prefill, plain=True)[0] == plain.step(prefill)[0] == "PIECEWISE"
+    assert ours.uniform_decode_query_len == 1 + k_max and ours.speculative_config is not None  # restored
+
+
+def test_every_k0_graph_is_captured_the_way_a_k0_step_runs_and_under_its_own_key():
+    """Start-up capture (``SelfSpecRunnerMixin._warmup_and_capture``): each FULL graph keyed for K = 0 steps is
+    captured with no speculative config and query length 1, and the dummy batch dispatches to exactly that
+    key (vLLM's ``_dummy_run`` asserts the mode); verify graphs are captured as vLLM captures them."""
+    pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
+    from vllm.config import CUDAGraphMode
+
+    k_max = engine_args("/m", config(preset="efficient"))["speculative_config"]["num_speculative_tokens"]
+    dispatcher = _dispatcher(k_max, ours=True)
+    runner = _capturing_runner(dispatcher)
+    descs = dict(dispatcher.get_capture_descs())[CUDAGraphMode.FULL]
+    plain_keys = {desc for desc in descs if dispatcher.is_plain_decode(desc)}
+    assert {desc.num_tokens for desc in plain_keys} == {1, 2, 4, *range(8, 65, 8)}  # plain vLLM's, max_num_seqs 64
+    for desc in descs:
+        runner._warmup_and_capture(desc, CUDAGraphMode.FULL)
+    assert runner.captured == [("FULL", desc, desc in plain_keys) for desc in descs]
+    assert runner.uniform_decode_query_len == dispatcher.uniform_decode_query_len == 1 + k_max

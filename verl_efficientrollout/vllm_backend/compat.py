@@ -238,7 +238,7 @@ _PROPOSER_METHODS = ("propose", "load_model", "initialize_attn_backend", "build_
                      "_update_positions_dependent_metadata", "_get_slot_mapping", "_sample_draft_tokens",
                      "take_last_draft_probs", "dummy_run")
 _RUNNER_METHODS = ("propose_draft_token_ids", "reload_weights", "take_draft_token_ids", "_sample", "execute_model",
-                   "sample_tokens")
+                   "sample_tokens", "_warmup_and_capture")
 
 
 def multiproc_executor_base():
@@ -253,6 +253,36 @@ def multiproc_executor_base():
             raise RuntimeError(f"vLLM {vllm_version()[0]}'s MultiprocExecutor has no {name}: update "
                                "verl_efficientrollout.vllm_backend.compat.multiproc_executor_base")
     return MultiprocExecutor
+
+
+def cudagraph_dispatcher_base():
+    """vLLM's V1 CUDA-graph dispatcher (``v1/cudagraph_dispatcher.py``, 0.24 - 0.33), which
+    ``graphs.PlainDecodeDispatcher`` subclasses: the runner builds one (``cudagraph_dispatcher``), keys
+    it once its attention backends are known (``initialize_cudagraph_keys``), captures what
+    ``get_capture_descs`` lists and asks ``dispatch`` every step; ``uniform_decode_query_len`` and the
+    ``cudagraph_keys`` sets are read as attributes."""
+    vllm_version()
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+
+    for name in ("initialize_cudagraph_keys", "dispatch", "add_cudagraph_key", "get_capture_descs"):
+        if not hasattr(CudagraphDispatcher, name):
+            raise RuntimeError(f"vLLM {vllm_version()[0]}'s CudagraphDispatcher has no {name}: update "
+                               "verl_efficientrollout.vllm_backend.compat.cudagraph_dispatcher_base")
+    return CudagraphDispatcher
+
+
+def batch_descriptor_class():
+    """vLLM's CUDA-graph key (``forward_context.BatchDescriptor``: ``num_tokens``, ``num_reqs``, ``uniform``)."""
+    vllm_version()
+    import dataclasses
+
+    from vllm.forward_context import BatchDescriptor
+
+    fields = {f.name for f in dataclasses.fields(BatchDescriptor)}
+    if not {"num_tokens", "num_reqs", "uniform"} <= fields:
+        raise RuntimeError(f"vLLM {vllm_version()[0]}'s BatchDescriptor has fields {sorted(fields)}: update "
+                           "verl_efficientrollout.vllm_backend.compat.batch_descriptor_class")
+    return BatchDescriptor
 
 
 def draft_model_proposer_base():
@@ -302,6 +332,7 @@ def self_spec_unsupported(model_dir: str, parallel: dict | None = None) -> str |
     try:
         version, _ = vllm_version()
         proposer = draft_model_proposer_base()
+        cudagraph_dispatcher_base(), batch_descriptor_class()
         from vllm.platforms import current_platform
 
         _, runner = cpu_worker_classes() if current_platform.is_cpu() else gpu_worker_classes()
@@ -488,24 +519,28 @@ def plain_step(runner, plain: bool):
     runner subclasses) runs one step as a plain engine's, when ``plain``: every speculative branch of
     its ``execute_model`` / ``sample_tokens`` reads ``self.speculative_config``, so with it None for
     the step there is no speculative metadata, no rejection sampler, no proposer call and no draft
-    hand-off to the scheduler. ``prev_num_spec_tokens`` is left at 0, as a step that proposed
-    zero drafts leaves it. Not for asynchronous scheduling (the self-drafter runs without it)."""
+    hand-off to the scheduler. The uniform decode query length of the runner and of its CUDA-graph
+    dispatcher (``uniform_decode_query_len``, read by ``_determine_batch_execution_and_padding`` and
+    ``_dummy_run``) is 1 for the step, as in a plain engine: a decode step finds the FULL graphs
+    ``graphs.PlainDecodeDispatcher`` keys for it. ``prev_num_spec_tokens`` is left at 0, as a step
+    that proposed zero drafts leaves it. Not for asynchronous scheduling (the self-drafter runs without it)."""
     if not plain:
         yield
         return
     if not runner.__dict__.get("_efficient_plain_step_checked"):  # once per runner: this is every step's path
         vllm_version()
-        for name in ("speculative_config", "prev_num_spec_tokens"):
+        for name in ("speculative_config", "prev_num_spec_tokens", "uniform_decode_query_len", "cudagraph_dispatcher"):
             if not hasattr(runner, name):
                 raise RuntimeError(f"vLLM's model runner has no {name}: update "
                                    "verl_efficientrollout.vllm_backend.compat.plain_step for this version")
         runner._efficient_plain_step_checked = True
-    saved = runner.speculative_config
-    runner.speculative_config = None
+    dispatcher = runner.cudagraph_dispatcher
+    saved = runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len
+    runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len = None, 1, 1
     try:
         yield
     finally:
-        runner.speculative_config = saved
+        runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len = saved
         runner.prev_num_spec_tokens = 0
 
 

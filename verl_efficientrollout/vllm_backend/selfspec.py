@@ -43,6 +43,7 @@ from verl_efficientrollout._mutations import injected_bug
 from verl_efficientrollout.config import DrafterConfig
 from verl_efficientrollout.drafter import activation_dtype, linear_in_dtype, tensor_bytes, torchao_config
 from verl_efficientrollout.vllm_backend import compat
+from verl_efficientrollout.vllm_backend.graphs import PlainDecodeDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -452,6 +453,8 @@ class SelfSpecRunnerMixin:
         self._plain_step = False
         if getattr(self, "drafter", None) is not None:  # built by vLLM for method draft_model: never loaded
             self.drafter = SelfSpecProposer(vllm_config, self.device, self)
+            # K = 0 steps run plain vLLM's FULL decode graphs (keyed before the attention backends are known)
+            self.cudagraph_dispatcher = PlainDecodeDispatcher(self.vllm_config)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
@@ -465,6 +468,13 @@ class SelfSpecRunnerMixin:
         plain, self._plain_step = self._plain_step, False
         with compat.plain_step(self, plain):
             return super().sample_tokens(*args, **kwargs)  # type: ignore[misc]
+
+    def _warmup_and_capture(self, desc, *args, **kwargs):
+        """A K = 0 step's FULL graph (``PlainDecodeDispatcher.is_plain_decode``) is warmed up and captured
+        the way such a step runs (``compat.plain_step``); every other graph as vLLM captures it."""
+        plain = isinstance(self.cudagraph_dispatcher, PlainDecodeDispatcher) and self.cudagraph_dispatcher.is_plain_decode(desc)
+        with compat.plain_step(self, plain):
+            return super()._warmup_and_capture(desc, *args, **kwargs)  # type: ignore[misc]
 
     def _sample(self, logits, spec_decode_metadata):
         """A step without drafts samples with vLLM's plain sampler. vLLM builds speculative metadata
