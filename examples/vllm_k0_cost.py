@@ -71,7 +71,6 @@ def main() -> None:
     report = {"vllm": vllm_version()[0], "drafter": args.drafter, "tokens": args.tokens, "prompt_tokens":
               args.prompt_tokens, "repeats": args.repeats, "rounds": rounds, "dtype": args.dtype, "engines": {}}
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
-    seconds = {(name, batch): [] for name in chosen for batch in batches}
     by_round = {(name, batch): [[] for _ in range(rounds)] for name in chosen for batch in batches}
     forwards = {name: {batch: [0, 0] for batch in batches} for name in chosen}
     with tqdm(total=rounds * len(chosen), desc="engines") as progress:
@@ -90,8 +89,7 @@ def main() -> None:
                             before = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
                             start = time.perf_counter()
                             run_requests(engine.llm, prompts[:batch], [params] * batch)
-                            seconds[name, batch].append(time.perf_counter() - start)
-                            by_round[name, batch][round_].append(seconds[name, batch][-1])
+                            by_round[name, batch][round_].append(time.perf_counter() - start)
                             after = engine.llm.collective_rpc("efficient_count_drafter_forwards")[0]
                             forwards[name][batch][0] += after["forwards"] - before["forwards"]
                             forwards[name][batch][1] += after["tokens"] - before["tokens"]
@@ -106,8 +104,9 @@ def main() -> None:
                 progress.update()
     timed = rounds * args.repeats
     for name in chosen:
+        seconds = {batch: [s for round_seconds in by_round[name, batch] for s in round_seconds] for batch in batches}
         report["engines"][name]["batches"] = {
-            batch: {"seconds": statistics.median(seconds[name, batch]), "all_seconds": seconds[name, batch],
+            batch: {"seconds": statistics.median(seconds[batch]), "all_seconds": seconds[batch],
                     "round_seconds": [statistics.median(r) for r in by_round[name, batch]],
                     "drafter_forwards": forwards[name][batch][0] / timed,
                     "drafter_tokens": forwards[name][batch][1] / timed} for batch in batches}
