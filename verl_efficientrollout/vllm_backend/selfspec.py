@@ -43,7 +43,7 @@ from verl_efficientrollout._mutations import injected_bug
 from verl_efficientrollout.config import DrafterConfig
 from verl_efficientrollout.drafter import activation_dtype, linear_in_dtype, tensor_bytes, torchao_config
 from verl_efficientrollout.vllm_backend import compat
-from verl_efficientrollout.vllm_backend.graphs import PlainDecodeDispatcher
+from verl_efficientrollout.vllm_backend.graphs import DecodeGraphDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -453,16 +453,25 @@ class SelfSpecRunnerMixin:
         self._plain_step = False
         if getattr(self, "drafter", None) is not None:  # built by vLLM for method draft_model: never loaded
             self.drafter = SelfSpecProposer(vllm_config, self.device, self)
-            # K = 0 steps run plain vLLM's FULL decode graphs (keyed before the attention backends are known)
-            self.cudagraph_dispatcher = PlainDecodeDispatcher(self.vllm_config)
+            # FULL decode graphs for K = 0 and each K < K_max (keyed once the attention backends are known)
+            self.cudagraph_dispatcher = DecodeGraphDispatcher(self.vllm_config)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
         self._plain_step = drafter is not None and compat.is_plain_step(scheduler_output, drafter.model is not None)
         if drafter is not None and scheduler_output.total_num_scheduled_tokens:
             drafter.counts["plain_steps" if self._plain_step else "speculative_steps"] += 1
-        with compat.plain_step(self, self._plain_step):
+        with compat.plain_step(self, self._plain_step), compat.decode_query_len(self, self._query_len(scheduler_output)):
             return super().execute_model(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+
+    def _query_len(self, scheduler_output) -> int | None:
+        """1 + K for a step verifying K < K_max drafts per request, where a FULL graph is keyed for it
+        (``DecodeGraphDispatcher``); None (vLLM's own, 1 + K_max) otherwise. A plain step's is 1 (``plain_step``)."""
+        dispatcher = self.cudagraph_dispatcher
+        if self._plain_step or not isinstance(dispatcher, DecodeGraphDispatcher):
+            return None
+        k = compat.step_draft_length(scheduler_output)
+        return 1 + k if k and 1 + k in dispatcher.query_lens else None
 
     def sample_tokens(self, *args, **kwargs):
         plain, self._plain_step = self._plain_step, False
@@ -470,10 +479,12 @@ class SelfSpecRunnerMixin:
             return super().sample_tokens(*args, **kwargs)  # type: ignore[misc]
 
     def _warmup_and_capture(self, desc, *args, **kwargs):
-        """A K = 0 step's FULL graph (``PlainDecodeDispatcher.is_plain_decode``) is warmed up and captured
-        the way such a step runs (``compat.plain_step``); every other graph as vLLM captures it."""
-        plain = isinstance(self.cudagraph_dispatcher, PlainDecodeDispatcher) and self.cudagraph_dispatcher.is_plain_decode(desc)
-        with compat.plain_step(self, plain):
+        """Our FULL decode graphs (``DecodeGraphDispatcher.query_len_of``) are warmed up and captured the way
+        the steps that replay them run: a K = 0 graph as a plain step (``compat.plain_step``), a graph at
+        1 + K < 1 + K_max with that query length (``compat.decode_query_len``); vLLM's own as vLLM does."""
+        dispatcher = self.cudagraph_dispatcher
+        query_len = dispatcher.query_len_of(desc) if isinstance(dispatcher, DecodeGraphDispatcher) else None
+        with compat.plain_step(self, query_len == 1), compat.decode_query_len(self, query_len if query_len != 1 else None):
             return super()._warmup_and_capture(desc, *args, **kwargs)  # type: ignore[misc]
 
     def _sample(self, logits, spec_decode_metadata):
