@@ -520,6 +520,20 @@ def step_draft_length(scheduler_output) -> int:
     return max(map(len, drafts.values()), default=0)
 
 
+def _check_runner(runner, function: str, names: tuple[str, ...]) -> None:
+    """That vLLM's model runner has the attributes ``names`` which ``function`` (of this module) swaps, checked
+    once per runner and function: the callers are on every step's path."""
+    checked = runner.__dict__.setdefault("_efficient_checked", set())
+    if function in checked:
+        return
+    vllm_version()
+    for name in names:
+        if not hasattr(runner, name):
+            raise RuntimeError(f"vLLM's model runner has no {name}: update "
+                               f"verl_efficientrollout.vllm_backend.compat.{function} for this version")
+    checked.add(function)
+
+
 @contextlib.contextmanager
 def decode_query_len(runner, query_len: int | None):
     """A context in which vLLM's V1 model runner (0.24 - 0.33) and its CUDA-graph dispatcher take a step's
@@ -530,13 +544,7 @@ def decode_query_len(runner, query_len: int | None):
     if query_len is None:
         yield
         return
-    if not runner.__dict__.get("_efficient_query_len_checked"):  # once per runner: this is every step's path
-        vllm_version()
-        for name in ("uniform_decode_query_len", "cudagraph_dispatcher"):
-            if not hasattr(runner, name):
-                raise RuntimeError(f"vLLM's model runner has no {name}: update "
-                                   "verl_efficientrollout.vllm_backend.compat.decode_query_len for this version")
-        runner._efficient_query_len_checked = True
+    _check_runner(runner, "decode_query_len", ("uniform_decode_query_len", "cudagraph_dispatcher"))
     dispatcher = runner.cudagraph_dispatcher
     saved = runner.uniform_decode_query_len, dispatcher.uniform_decode_query_len
     runner.uniform_decode_query_len = dispatcher.uniform_decode_query_len = query_len
@@ -559,13 +567,7 @@ def plain_step(runner, plain: bool):
     if not plain:
         yield
         return
-    if not runner.__dict__.get("_efficient_plain_step_checked"):  # once per runner: this is every step's path
-        vllm_version()
-        for name in ("speculative_config", "prev_num_spec_tokens"):
-            if not hasattr(runner, name):
-                raise RuntimeError(f"vLLM's model runner has no {name}: update "
-                                   "verl_efficientrollout.vllm_backend.compat.plain_step for this version")
-        runner._efficient_plain_step_checked = True
+    _check_runner(runner, "plain_step", ("speculative_config", "prev_num_spec_tokens"))
     saved = runner.speculative_config
     runner.speculative_config = None
     try:
