@@ -484,7 +484,7 @@ class SelfSpecRunnerMixin:
         1 + K < 1 + K_max with that query length (``compat.decode_query_len``); vLLM's own as vLLM does."""
         dispatcher = self.cudagraph_dispatcher
         query_len = dispatcher.query_len_of(desc) if isinstance(dispatcher, DecodeGraphDispatcher) else None
-        with compat.plain_step(self, query_len == 1), compat.decode_query_len(self, query_len if query_len != 1 else None):
+        with compat.plain_step(self, query_len == 1), compat.decode_query_len(self, query_len):
             return super()._warmup_and_capture(desc, *args, **kwargs)  # type: ignore[misc]
 
     def _sample(self, logits, spec_decode_metadata):
