@@ -29,6 +29,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from verl_efficientrollout.engine.cpu_kernels import notable_cpu_flags
+
 # Both servers alike: no core reserved for vLLM's scheduler (on 2 cores the reserve halves decoding,
 # as vllm_backend.compat.platform_env says); one server decodes at a time.
 ENV = {"VERL_USE_EXTERNAL_MODULES": "verl_cpu_platform", "VERL_PLATFORM": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -51,14 +53,6 @@ def overrides(model_dir: str, name: str, dtype: str, response_length: int) -> li
         items.append("+actor_rollout_ref.rollout.custom={efficient: {engine: vllm, drafter: int4-g32, "
                      "controller: {preset: efficient}}}")
     return items
-
-
-def cpu_flags() -> list[str]:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return []
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
 
 
 def plot(result: dict, path: str) -> None:
@@ -272,7 +266,7 @@ def main() -> None:
     rebuild = [rep[0]["drafter"]["build_seconds"] for rep in sync["efficient"]["reports"]]
     result = {
         "command": " ".join([sys.executable.replace(os.getcwd() + "/", ""), *sys.argv]),
-        "machine": {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "processor": platform.processor()},
+        "machine": {"cpu_flags": notable_cpu_flags(), "cores": os.cpu_count(), "processor": platform.processor()},
         "dtype": args.dtype, "drafter": "int4-asym-g32", "controller": "efficient (roofline toggle, adaptive gamma)",
         "launch_s": {n: stacks[n]["launch_s"] for n in stacks},
         "acceptance": {"value": acceptance, "drafted": drafted, "accepted": accepted,

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # Linear layers kept in full precision and shared: the output head (often tied to the embeddings).
 _SHARED_LINEAR_NAMES = ("lm_head", "output", "embed_out")
 _MIN_TORCHAO = (0, 14)
+INT4_KERNELS = ("auto", "native", "torchao")  # build_drafter's kernel choices
 
 
 class DrafterBuildError(RuntimeError):
@@ -49,6 +50,7 @@ class DrafterReport:
     drafter_bytes: int  # tensors the drafter owns: quantized weights, scales, zero points
     quantized_source_bytes: int  # what those quantized linears take in the target's dtype
     build_seconds: float
+    kernel: str = "torchao"  # what runs the quantized linears: torchao's kernels, or native-int4-<isa> (cpu_kernels)
 
     @property
     def drafter_total_bytes(self) -> int:
@@ -59,10 +61,13 @@ class DrafterReport:
 class Drafter:
     """The drafter module plus the target weights version it was built from."""
 
-    def __init__(self, target: nn.Module, config: DrafterConfig, weights_version: int = 0) -> None:
+    def __init__(self, target: nn.Module, config: DrafterConfig, weights_version: int = 0, kernel: str = "auto") -> None:
+        if kernel not in INT4_KERNELS:
+            raise ValueError(f"drafter kernel must be one of {', '.join(INT4_KERNELS)}, got {kernel!r}")
         self.target = target
         self.config = config
-        self.module, self.report = _build(target, config, weights_version)
+        self.kernel = kernel
+        self.module, self.report = _build(target, config, weights_version, kernel)
 
     @property
     def weights_version(self) -> int:
@@ -70,7 +75,7 @@ class Drafter:
 
     def rebuild(self, weights_version: int) -> DrafterReport:
         """Re-quantize from the target's current weights; on failure the old drafter stays."""
-        self.module, self.report = _build(self.target, self.config, weights_version)
+        self.module, self.report = _build(self.target, self.config, weights_version, self.kernel)
         return self.report
 
     def check_version(self, weights_version: int) -> None:
@@ -84,8 +89,12 @@ class Drafter:
         return self.module(*args, **kwargs)
 
 
-def build_drafter(target: nn.Module, config: DrafterConfig, weights_version: int = 0) -> Drafter:
-    return Drafter(target, config, weights_version)
+def build_drafter(target: nn.Module, config: DrafterConfig, weights_version: int = 0, kernel: str = "auto") -> Drafter:
+    """``kernel``: "auto" runs an int4 drafter of a float32 native CPU target on the compiled int4 kernel
+    (``native_int4``) and torchao's kernels elsewhere; "native" the compiled kernel for any dtype where it
+    is built (a bfloat16 target casts in and out; slower than torchao's there at 4 and 16 rows,
+    measured); "torchao" always torchao's (the baseline the int4 kernel is measured against)."""
+    return Drafter(target, config, weights_version, kernel)
 
 
 def resolve_backend(config: DrafterConfig, target: nn.Module) -> str:
@@ -121,7 +130,7 @@ def torchao_config(config: DrafterConfig, backend: str):
     return PrototypeInt4WeightOnlyConfig(group_size=config.group_size, set_inductor_config=False)
 
 
-def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tuple[nn.Module, DrafterReport]:
+def _build(target: nn.Module, config: DrafterConfig, weights_version: int, kernel: str = "auto") -> tuple[nn.Module, DrafterReport]:
     start = time.perf_counter()
     backend = resolve_backend(config, target)
     selected, skipped = _select_linears(target, config)
@@ -137,6 +146,7 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
                        config.group_size, misfits[0])
     drafter = _shallow_clone(target)
     compute_dtype = activation_dtype(config, backend, next(target.parameters()).dtype)
+    native = native_int4(target, config, backend, kernel)
     try:
         from torchao.quantization import quantize_
 
@@ -145,6 +155,9 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
             parent_name, _, leaf = fqn.rpartition(".")
             parent = drafter.get_submodule(parent_name)
             linear = getattr(parent, leaf)
+            if native:
+                setattr(parent, leaf, _native_int4_linear(linear, config.group_size))
+                continue
             if compute_dtype is not None:
                 linear = _cast_copy(linear, compute_dtype)
             quantize_(linear, ao_config)
@@ -155,8 +168,62 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int) -> tu
         raise
     except Exception as exc:  # torchao raises many kinds; all mean "no drafter"
         raise DrafterBuildError(f"quantizing the drafter with {config.name} failed: {exc!r}") from exc
-    report = _report(target, drafter, selected, skipped, config, backend, weights_version, start)
+    kernel = f"native-int4-{torch.ops.verl_efficientrollout.int4_kernel_isa()}" if native else "torchao"
+    report = _report(target, drafter, selected, skipped, config, backend, weights_version, start, kernel)
     return drafter, report
+
+
+def native_int4(target: nn.Module, config: DrafterConfig, backend: str, kernel: str = "auto") -> bool:
+    """Whether the drafter's linears run the native engine's compiled int4 kernel (``cpu_kernels``): for
+    an int4 recipe on a CPU, with ``kernel="auto"`` where the target's compiled decode ops serve (a
+    float32 native target with ``NativeEngineConfig.cpu_decode_ops``; where they could not be built
+    ``cpu_kernels`` has warned once already), with ``kernel="native"`` wherever the ops build."""
+    if backend != "cpu" or config.recipe != "int4" or kernel == "torchao":
+        return False
+    if kernel == "auto":
+        return getattr(target, "decode_ops", None) is not None
+    from verl_efficientrollout.engine.cpu_kernels import decode_ops
+
+    if decode_ops() is None:
+        raise DrafterBuildError("drafter kernel 'native' needs the compiled CPU ops, which could not be built "
+                                "here (see the warning above); use kernel 'auto' or 'torchao'")
+    return True
+
+
+def tinygemm_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchao's asymmetric group-wise int4 of ``weight`` [N, K], exactly as ``Int4OpaqueTensor.from_hp``
+    (``PrototypeInt4WeightOnlyConfig``) quantizes it before packing: integers [N, K] in 0..15, scale and
+    zero [N, K / group] in the weight's dtype, w ~ (q - 8) * scale + zero. The one place that names
+    torchao's private primitives."""
+    try:
+        from torchao.quantization.quant_primitives import (
+            MappingType,
+            _choose_qparams_affine_tinygemm,
+            _quantize_affine_tinygemm,
+        )
+    except ImportError as exc:
+        import torchao
+
+        raise DrafterBuildError(
+            f"torchao {torchao.__version__} has no tinygemm int4 primitives (_choose_qparams_affine_tinygemm, "
+            f"_quantize_affine_tinygemm; tested with torchao 0.14-0.18): install torchao>=0.14,<0.19 or set "
+            f"native.cpu_decode_ops=false to run torchao's own int4 kernel ({exc})") from exc
+    block = [1, group_size]
+    scale, zero = _choose_qparams_affine_tinygemm(weight, MappingType.ASYMMETRIC, block, torch.int32, 0, 15, 1e-6,
+                                                  None, weight.dtype)
+    int_data = _quantize_affine_tinygemm(weight, block, scale, zero, torch.int32, 0, 15)
+    return int_data, scale.reshape(weight.shape[0], -1), zero.reshape(weight.shape[0], -1)
+
+
+def _native_int4_linear(linear: nn.Linear, group_size: int) -> nn.Module:
+    """The native int4 kernel's linear for ``linear``: torchao's grid of its bfloat16 weight (the very
+    integers, scales and zeros torchao's CPU route packs), re-laid for the kernel."""
+    from verl_efficientrollout.engine.cpu_kernels import Int4Linear, pack_int4
+
+    int_data, scale, zero = tinygemm_int4(linear.weight.detach().to(torch.bfloat16), group_size)
+    scale_zero = torch.stack((scale, zero), dim=-1).to(torch.bfloat16).contiguous()
+    bias = None if linear.bias is None else linear.bias
+    return Int4Linear(pack_int4(int_data), scale_zero, bias, group_size)
 
 
 class _CastActivations(nn.Module):
@@ -240,7 +307,7 @@ def _unique_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
     return tensors
 
 
-def _report(target, drafter, selected, skipped, config, backend, weights_version, start) -> DrafterReport:
+def _report(target, drafter, selected, skipped, config, backend, weights_version, start, kernel) -> DrafterReport:
     target_tensors, drafter_tensors = _unique_tensors(target), _unique_tensors(drafter)
     shared = {k: t for k, t in drafter_tensors.items() if k in target_tensors}
     owned = {k: t for k, t in drafter_tensors.items() if k not in target_tensors}
@@ -256,4 +323,5 @@ def _report(target, drafter, selected, skipped, config, backend, weights_version
         drafter_bytes=sum(tensor_bytes(t) for t in owned.values()),
         quantized_source_bytes=source,
         build_seconds=time.perf_counter() - start,
+        kernel=kernel,
     )
