@@ -200,6 +200,17 @@ def test_the_int4_kernel_computes_its_dequantized_weight_times_its_activations_a
         torch.testing.assert_close(int4(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 16])  # the integer path and the VNNI build's float32 chunks
+def test_a_nan_activation_gives_nan_outputs_in_its_row_only(rows):
+    # The engine detects a broken drafter by NaN logits; rounding must not turn a NaN into a number.
+    _, int4 = _int4_linear(out_features=8, in_features=64, group=32, seed=13)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(14))
+    x[0, 5] = float("nan")
+    out = int4(x)
+    assert out[0].isnan().all() and not out[1:].isnan().any()
+
+
 def test_activations_round_to_int16_per_block_of_32():
     x = torch.tensor([[1.0, -0.5, 0.25] + [0.0] * 29 + [8.0] + [0.0] * 31])  # two blocks, scales 1 and 8 / 32767
     rounded = round_int16_blocks(x)

@@ -141,13 +141,17 @@ class Int4Linear(torch.nn.Module):
 
     def __init__(self, q: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
         super().__init__()
+        ops = decode_ops()
+        if ops is None:
+            raise RuntimeError("Int4Linear needs the compiled CPU ops, which could not be built here (see the warning)")
+        self._op = ops.int4_linear
         self.in_features, self.out_features, self.group_size = 2 * q.shape[1], q.shape[0], group_size
         self.register_buffer("q", q)  # [N, K / 2] uint8 (pack_int4)
         self.register_buffer("scale_zero", scale_zero)  # [N, K / group, 2] bfloat16
         self.register_buffer("bias", bias)  # [N] float32 or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N], in x's dtype
-        out = torch.ops.verl_efficientrollout.int4_linear(x.float(), self.q, self.scale_zero, self.bias, self.group_size)
+        out = self._op(x.float(), self.q, self.scale_zero, self.bias, self.group_size)
         return out.to(x.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N] float32: what forward computes

@@ -233,7 +233,10 @@ Int16Rows quantize_rows(const float* x, int64_t rows, int64_t k, bool pairs) {
   for (int64_t b = 0; b < blocks; ++b) {
     const float* xb = x + b * 32;
     float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    for (int j = 0; j < 32; ++j) {  // a NaN (or inf) makes amax NaN (inf) for good: the block's outputs are NaN
+      const float v = std::fabs(xb[j]);
+      if (std::isnan(v) || v > amax) amax = std::isnan(amax) ? amax : v;
+    }
     const float inv = amax > 0.f ? kInt16Max / amax : 0.f;
     int sum = 0;
     for (int j = 0; j < 32; ++j) {
