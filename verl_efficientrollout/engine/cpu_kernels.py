@@ -6,10 +6,10 @@ scalar loop elsewhere; ``int4_kernel_isa`` names the path).
 
 Built from source with the machine's C++ compiler at first use (about 10 s; ``-march=native``, so
 the build is for the CPU at hand and picks its int4 path; ``$VERL_EFFICIENTROLLOUT_CPU_MARCH`` sets
-another ``-march``, e.g. ``x86-64-v3`` for a cache shared by several CPU kinds), cached on disk under ``$XDG_CACHE_HOME/verl_efficientrollout``
-(``~/.cache`` by default) keyed by the source, torch's version, the flags and the CPU's flags, and
-loaded with ``torch.ops.load_library``. Where it cannot be built (no compiler, a failed build) the
-engine runs its PyTorch ops instead, after one warning.
+another ``-march``, e.g. ``x86-64-v3`` for a cache shared by several CPU kinds), cached on disk under
+``$XDG_CACHE_HOME/verl_efficientrollout`` (``~/.cache`` by default) keyed by the source, torch's
+version, the flags and the CPU's flags, and loaded with ``torch.ops.load_library``. Where it cannot
+be built (no compiler, a failed build) the engine runs its PyTorch ops instead, after one warning.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ class Int4Linear(torch.nn.Module):
     """A drafter linear on the compiled int4 kernel (``int4_linear``): torchao's asymmetric group-wise
     int4 grid (w = (q - 8) * scale + zero, scale and zero bfloat16 per group) times the activations
     rounded to int16 per block of 32 (``round_int16_blocks``; integer dot products on VNNI / AVX2; the
-    VNNI build's chunks of 8-16 rows multiply float32 activations as they are), float32 sums. Built from a float linear by ``drafter._build`` where the target's decode
-    ops serve; the bias (if any) is the target's own tensor. ``reference`` is the same product in PyTorch."""
+    VNNI build's chunks of 8-16 rows multiply float32 activations as they are), float32 sums. Built
+    from a float linear by ``drafter._build``; the bias (if any) is the target's own tensor.
+    ``reference`` is the same product in PyTorch."""
 
     def __init__(self, q: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
         super().__init__()
@@ -179,6 +180,6 @@ class Int4Linear(torch.nn.Module):
 
 
 def int4_kernel_isa() -> str | None:
-    """Which path the compiled int4 kernel runs on this CPU (avx512, avx2 or scalar; None: not built)."""
+    """Which path the compiled int4 kernel runs on this CPU (avx512-vnni, avx2 or scalar; None: not built)."""
     ops = decode_ops()
     return None if ops is None else ops.int4_kernel_isa()
