@@ -13,7 +13,8 @@ One process, every comparison interleaved (median over ``--repeats`` rounds afte
    drafter's one-token step: r = draft / target and v = verify / target, both drafters side by side.
 3. Acceptance: each drafter's expected per-token acceptance at temperature 1 against the target
    (sum of min(target, draft) over the vocabulary) at every position of the target's own greedy answers
-   to the bundled math prompts: the kernels multiply by the same int4 grid, so it should not move.
+   to the bundled math prompts, each draft from a one-row decode step on the target's KV (the kernel's
+   int16 path): the kernels multiply by the same int4 grid, so it should not move.
 
 Writes ``int4_kernel.json``, ``int4_kernel.md`` and ``int4_kernel.png`` under ``--out``.
 """
@@ -114,7 +115,8 @@ def steps(engine: NativeEngine, drafters: dict, rows: list[int], bandwidth: floa
 
 
 def acceptance(engine: NativeEngine, drafters: dict, tokens: int, prompts: int) -> dict[str, float]:
-    """Mean over positions of sum_v min(target(v), draft(v)) at temperature 1 on the target's greedy answers."""
+    """Mean over positions of sum_v min(target(v), draft(v)) at temperature 1 on the target's greedy answers,
+    each draft distribution from a one-row decode step on the target's KV (the shape the engine drafts in)."""
     target = engine.target
     totals = {kernel: [] for kernel in drafters}
     for problem in tqdm(math_problems()[:prompts], desc="acceptance"):
@@ -124,15 +126,16 @@ def acceptance(engine: NativeEngine, drafters: dict, tokens: int, prompts: int) 
             with torch.inference_mode():
                 logits = target(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slice(0, 1))
             ids.append(int(logits[0, -1].argmax()))
-        sequence, positions = torch.tensor([ids]), torch.arange(len(ids))[None]
+        cache = KVCache(target.args, 1, len(ids), target.dtype)
         with torch.inference_mode():
-            cache = KVCache(target.args, 1, len(ids), target.dtype)
-            target_probs = target(sequence, positions, cache, slice(0, 1))[0].softmax(-1)
-            for kernel, drafter in drafters.items():
-                cache = KVCache(target.args, 1, len(ids), target.dtype)
-                draft_probs = drafter.module(sequence, positions, cache, slice(0, 1))[0].softmax(-1)
-                overlap = torch.minimum(target_probs, draft_probs).sum(-1)[-tokens - 1:-1]  # the answer's positions
-                totals[kernel].extend(overlap.tolist())
+            target_probs = target(torch.tensor([ids]), torch.arange(len(ids))[None], cache, slice(0, 1))[0].softmax(-1)
+            for position in range(len(ids) - tokens - 1, len(ids) - 1):  # predicting each answer token
+                keys, values = cache.k[:, :, :, position].clone(), cache.v[:, :, :, position].clone()
+                for kernel, drafter in drafters.items():  # each writes its own K/V at the position, as in the engine
+                    draft = drafter.module(torch.tensor([[ids[position]]]), torch.tensor([[position]]), cache,
+                                           slice(0, 1), keys=position + 1)[0, 0].softmax(-1)
+                    totals[kernel].append(float(torch.minimum(target_probs[position], draft).sum()))
+                    cache.k[:, :, :, position], cache.v[:, :, :, position] = keys, values  # the target's again
     return {kernel: statistics.fmean(values) for kernel, values in totals.items()}
 
 
