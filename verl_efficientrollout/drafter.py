@@ -168,7 +168,12 @@ def _build(target: nn.Module, config: DrafterConfig, weights_version: int, kerne
         raise
     except Exception as exc:  # torchao raises many kinds; all mean "no drafter"
         raise DrafterBuildError(f"quantizing the drafter with {config.name} failed: {exc!r}") from exc
-    kernel = f"native-int4-{torch.ops.verl_efficientrollout.int4_kernel_isa()}" if native else "torchao"
+    if native:
+        from verl_efficientrollout.engine.cpu_kernels import int4_kernel_isa
+
+        kernel = f"native-int4-{int4_kernel_isa()}"
+    else:
+        kernel = "torchao"
     report = _report(target, drafter, selected, skipped, config, backend, weights_version, start, kernel)
     return drafter, report
 
@@ -222,8 +227,7 @@ def _native_int4_linear(linear: nn.Linear, group_size: int) -> nn.Module:
 
     int_data, scale, zero = tinygemm_int4(linear.weight.detach().to(torch.bfloat16), group_size)
     scale_zero = torch.stack((scale, zero), dim=-1).to(torch.bfloat16).contiguous()
-    bias = None if linear.bias is None else linear.bias
-    return Int4Linear(pack_int4(int_data), scale_zero, bias, group_size)
+    return Int4Linear(pack_int4(int_data), scale_zero, linear.bias, group_size)
 
 
 class _CastActivations(nn.Module):

@@ -160,7 +160,7 @@ class Int4Linear(torch.nn.Module):
         each chunk's activations rounded to int16 per block of 32, except chunks of 8 or more rows on
         the VNNI build, which multiply the float32 activations as they are."""
         rows, chunks, m = x.reshape(-1, x.shape[-1]).float(), [], 0
-        unrounded_from = 8 if torch.ops.verl_efficientrollout.int4_kernel_isa() == "avx512-vnni" else 17
+        unrounded_from = 8 if int4_kernel_isa() == "avx512-vnni" else 17
         while m < rows.shape[0]:
             chunk = next(c for c in (16, 8, 4, 2, 1) if c <= rows.shape[0] - m)
             part = rows[m : m + chunk]

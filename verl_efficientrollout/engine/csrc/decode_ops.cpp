@@ -456,22 +456,25 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& q_in, const at:
   auto out = at::empty(sizes, x.options());
   const int64_t rows = x.numel() / k;
   const Int4Weights w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale_zero.data_ptr<at::BFloat16>()), n, k, group};
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  const float* xp = x.data_ptr<float>();
+#ifdef INT4_DEQUANTIZED_ROWS
+  const int64_t rounded_from = rows - rows % INT4_DEQUANTIZED_ROWS;  // the chunks of 8+ rows come first, in float32
   const bool pairs = vector_path(k);  // activations in the VNNI path's order
 #else
+  const int64_t rounded_from = 0;
   const bool pairs = false;
 #endif
-  const float* xp = x.data_ptr<float>();
-  const Int16Rows a = quantize_rows(xp, rows, k, pairs);
+  const Int16Rows a = quantize_rows(xp + rounded_from * k, rows - rounded_from, k, pairs);  // only the rows that use it
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   // Threads split the outputs (each weight byte read by one thread); rows go in chunks of 16, 8, 4, 2, 1.
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = 0; m < rows;) {
       const int64_t left = rows - m, chunk = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const int64_t pair_lanes = pairs ? m * (k / 64) * 16 : 0;
-      const RowsView view{a.xi.data() + m * k, a.dx.data() + m * k / 32, a.xs.data() + m * k / 32,
-                          a.dx16.data() + pair_lanes, a.xs16.data() + pair_lanes};
+      const int64_t r = m - rounded_from, pair_lanes = pairs ? r * (k / 64) * 16 : 0;
+      const RowsView view = r < 0 ? RowsView{} : RowsView{a.xi.data() + r * k, a.dx.data() + r * k / 32,
+                                                           a.xs.data() + r * k / 32, a.dx16.data() + pair_lanes,
+                                                           a.xs16.data() + pair_lanes};
       int4_chunk(view, xp + m * k, chunk, w, bp, op + m * n, n, begin, end);
       m += chunk;
     }
